@@ -1,0 +1,1 @@
+"""bacon_jax: dataset distillation (BACON, IDM, DM, CMI) in JAX/Flax."""

@@ -1,0 +1,513 @@
+"""Datasets: host-side loading (numpy), preprocessing and device-side sampling (SPEC §1).
+
+Training and test images are kept on the host as uint8 NHWC arrays and normalised on the fly by
+`Preprocessing.preprocess`, either "scale to [0, 1] then per-channel (x - mean) / std" (SPEC §1.1)
+or, with the ZCA option, "scale to [0, 1] then whiten" (SPEC §1.2).
+
+Three sources feed `load_dataset`:
+
+* ``digits``: scikit-learn's bundled 8x8 handwritten digits; needs no network, so it is the dataset
+  of tests and smoke runs.
+* ``npz``: a file with uint8 NHWC arrays ``x_train``, ``x_test`` and integer labels ``y_train``,
+  ``y_test``.
+* ``tfds``: a TFDS dataset prepared in the ``array_record`` format, read through
+  ``tfds.data_source`` so that TensorFlow is not needed.
+
+Real-data sampling (SPEC §1.3) is stateless: `class_index` lists each class's dataset indices once,
+and `sample_class_indices` / `sample_uniform_indices` draw without replacement from a JAX key.
+"""
+
+import dataclasses
+import types
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import sklearn.datasets
+import sklearn.model_selection
+import tensorflow_datasets as tfds
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """Static description of a dataset.
+
+    Attributes:
+        name: Name used in configs (a key of `DATASETS`).
+        image_shape: (H, W, C) of one image.
+        num_classes: Number of classes; labels lie in [0, num_classes).
+        mean: Per-channel mean of the [0, 1]-scaled training images.
+        std: Per-channel standard deviation of the [0, 1]-scaled training images.
+        tfds_name: TFDS name of the dataset, or None when it has no TFDS source.
+    """
+
+    name: str
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    tfds_name: str | None
+
+
+DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType(
+    {
+        # Statistics of the reference loaders (SPEC §1.1).
+        "mnist": DatasetSpec("mnist", (28, 28, 1), 10, (0.1307,), (0.3081,), "mnist"),
+        "fashion_mnist": DatasetSpec(
+            "fashion_mnist", (28, 28, 1), 10, (0.2861,), (0.3530,), "fashion_mnist"
+        ),
+        "svhn": DatasetSpec(
+            "svhn",
+            (32, 32, 3),
+            10,
+            (0.4377, 0.4438, 0.4728),
+            (0.1980, 0.2010, 0.1970),
+            "svhn_cropped",
+        ),
+        "cifar10": DatasetSpec(
+            "cifar10",
+            (32, 32, 3),
+            10,
+            (0.4914, 0.4822, 0.4465),
+            (0.2023, 0.1994, 0.2010),
+            "cifar10",
+        ),
+        "cifar100": DatasetSpec(
+            "cifar100",
+            (32, 32, 3),
+            100,
+            (0.5071, 0.4866, 0.4409),
+            (0.2673, 0.2564, 0.2762),
+            "cifar100",
+        ),
+        # No TFDS builder yet: the reference reads the DC/DM `tinyimagenet.pt` release.
+        "tiny_imagenet": DatasetSpec(
+            "tiny_imagenet",
+            (64, 64, 3),
+            200,
+            (0.485, 0.456, 0.406),
+            (0.229, 0.224, 0.225),
+            None,
+        ),
+        # Not in the reference. Mean and population std over all pixels of the training split of
+        # `_load_digits` (uint8 images divided by 255, float64): 0.305604..., 0.375962...
+        "digits": DatasetSpec("digits", (8, 8, 1), 10, (0.3056,), (0.3760,), None),
+    }
+)
+
+SOURCES = ("digits", "npz", "tfds")
+
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+# The split of the bundled digits: 30% test, stratified by class, fixed seed.
+_DIGITS_TEST_SIZE = 0.3
+_DIGITS_SPLIT_SEED = 0
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Preprocessing:
+    """Maps stored uint8 images to the space the networks and synthetic images live in.
+
+    Without ZCA: x / 255, then per-channel (x - mean) / std (SPEC §1.1). With ZCA: x / 255, then
+    whitening with the fitted (zca_mean, zca_matrix) and no mean/std normalisation (SPEC §1.2).
+
+    A pytree: the ZCA arrays are leaves (so jit takes them as arguments, not as baked-in
+    constants), mean and std are static.
+
+    Attributes:
+        mean: Per-channel mean.
+        std: Per-channel standard deviation.
+        zca_mean: [D] mean of the flattened [0, 1] training images, D = H*W*C, or None.
+        zca_matrix: [D, D] whitening matrix, or None.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    zca_mean: np.ndarray | jax.Array | None = None
+    zca_matrix: np.ndarray | jax.Array | None = None
+
+    @property
+    def is_zca(self) -> bool:
+        """Whether images are ZCA-whitened instead of mean/std normalised."""
+        return self.zca_matrix is not None
+
+    def preprocess(self, x_uint8: jax.Array) -> jax.Array:
+        """Preprocesses images.
+
+        Args:
+            x_uint8: [..., H, W, C] uint8 images.
+
+        Returns:
+            float32 images of the same shape.
+        """
+        if self.is_zca:
+            x = jnp.asarray(x_uint8, jnp.float32) / 255.0
+            return apply_zca(x, self.zca_mean, self.zca_matrix)
+        return normalize(x_uint8, self.mean, self.std)
+
+
+jax.tree_util.register_dataclass(
+    Preprocessing, data_fields=["zca_mean", "zca_matrix"], meta_fields=["mean", "std"]
+)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """A dataset held in host memory.
+
+    Attributes:
+        spec: The dataset's `DatasetSpec`.
+        x_train: uint8 [N, H, W, C] training images.
+        y_train: int32 [N] training labels.
+        x_test: uint8 [M, H, W, C] test images.
+        y_test: int32 [M] test labels.
+        zca: (mean [D], matrix [D, D]) from `fit_zca` on the training set when the ZCA option is
+            on, else None.
+    """
+
+    spec: DatasetSpec
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    zca: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.spec.image_shape
+
+    @property
+    def num_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+    @property
+    def num_test(self) -> int:
+        return int(self.x_test.shape[0])
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The `Preprocessing` that maps this dataset's uint8 images to network inputs."""
+        if self.zca is None:
+            return Preprocessing(self.spec.mean, self.spec.std)
+        zca_mean, zca_matrix = self.zca
+        return Preprocessing(self.spec.mean, self.spec.std, zca_mean, zca_matrix)
+
+    def train_class_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """`class_index` of the training labels."""
+        return class_index(self.y_train, self.num_classes)
+
+
+def load_dataset(dataset_config: ml_collections.ConfigDict) -> Dataset:
+    """Loads a dataset as uint8 NHWC arrays.
+
+    Args:
+        dataset_config: ConfigDict with fields `name` (a key of `DATASETS`), `source` (one of
+            `SOURCES`), `path` (the .npz file for source 'npz'), `data_dir` (TFDS data directory,
+            '' for TFDS's default) and `zca` (bool: fit ZCA whitening on the training set,
+            SPEC §1.2).
+
+    Returns:
+        The `Dataset`.
+
+    Raises:
+        ValueError: unknown name or source, a source that cannot provide the dataset, or arrays
+            that do not match the dataset's `DatasetSpec`.
+        FileNotFoundError: the npz file is missing, or the TFDS dataset is not prepared.
+    """
+    name = dataset_config.name
+    source = dataset_config.source
+    if name not in DATASETS:
+        raise ValueError(f"Unknown dataset name {name!r}; allowed: {sorted(DATASETS)}.")
+    if source not in SOURCES:
+        raise ValueError(f"Unknown dataset source {source!r}; allowed: {list(SOURCES)}.")
+    spec = DATASETS[name]
+    if source == "digits":
+        if name != "digits":
+            raise ValueError(
+                f"Source 'digits' provides only the dataset 'digits', not {name!r}; "
+                f"use source 'npz' or 'tfds' for it."
+            )
+        arrays = _load_digits()
+    elif source == "npz":
+        path = dataset_config.get("path", "")
+        if not path:
+            raise ValueError(f"Source 'npz' needs dataset.path (a .npz file) for {name!r}.")
+        arrays = _load_npz(spec, path)
+    else:
+        if spec.tfds_name is None:
+            with_tfds = sorted(k for k, v in DATASETS.items() if v.tfds_name is not None)
+            raise ValueError(
+                f"Dataset {name!r} has no TFDS source; datasets with one: {with_tfds}."
+            )
+        arrays = _load_tfds(spec, dataset_config.get("data_dir", ""))
+    x_train, y_train, x_test, y_test = arrays
+    zca = None
+    if dataset_config.get("zca", False):
+        zca = fit_zca(x_train.reshape(x_train.shape[0], -1).astype(np.float32) / 255.0)
+    return Dataset(spec, x_train, y_train, x_test, y_test, zca)
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's 1797 8x8 digits, split 70/30 stratified by class with a fixed seed.
+
+    The split is `train_test_split(test_size=0.3, stratify=labels, random_state=0)`: 1257 train
+    and 540 test images, identical on every call. Pixel values 0..16 become round(v * 255 / 16).
+    """
+    digits = sklearn.datasets.load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    labels = digits.target.astype(np.int32)
+    x_train, x_test, y_train, y_test = sklearn.model_selection.train_test_split(
+        images,
+        labels,
+        test_size=_DIGITS_TEST_SIZE,
+        stratify=labels,
+        random_state=_DIGITS_SPLIT_SEED,
+    )
+    return x_train, y_train, x_test, y_test
+
+
+def _load_npz(spec: DatasetSpec, path: str) -> tuple[np.ndarray, ...]:
+    """Reads and validates the four arrays of an .npz file."""
+    with np.load(path, allow_pickle=False) as npz:
+        missing = [k for k in _NPZ_KEYS if k not in npz.files]
+        if missing:
+            raise ValueError(
+                f"{path}: missing arrays {missing}; expected keys {list(_NPZ_KEYS)}, "
+                f"found {sorted(npz.files)}."
+            )
+        arrays = {k: npz[k] for k in _NPZ_KEYS}
+    return _validated(spec, arrays, origin=path)
+
+
+def _validated(
+    spec: DatasetSpec, arrays: Mapping[str, np.ndarray], origin: str
+) -> tuple[np.ndarray, ...]:
+    """Checks arrays against `spec` and returns (x_train, y_train, x_test, y_test).
+
+    Labels come back as int32. Errors name `origin` (a file, or a TFDS dataset and directory).
+    """
+    expected = f"uint8 [N, {', '.join(map(str, spec.image_shape))}] (NHWC)"
+    out = []
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != spec.image_shape:
+            raise ValueError(
+                f"{origin}: x_{split} for dataset {spec.name!r} must be {expected}; "
+                f"found {x.dtype} with shape {x.shape}."
+            )
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or len(y) != len(x):
+            raise ValueError(
+                f"{origin}: y_{split} must be integer labels of shape ({len(x)},) to match "
+                f"x_{split}; found {y.dtype} with shape {y.shape}."
+            )
+        if len(y) and (y.min() < 0 or y.max() >= spec.num_classes):
+            raise ValueError(
+                f"{origin}: y_{split} for dataset {spec.name!r} must lie in "
+                f"[0, {spec.num_classes}); found values in [{y.min()}, {y.max()}]."
+            )
+        out += [x, y.astype(np.int32)]
+    return tuple(out)
+
+
+def _load_tfds(spec: DatasetSpec, data_dir: str) -> tuple[np.ndarray, ...]:
+    """Reads the train and test splits of a TFDS dataset prepared as array_record.
+
+    `tfds.data_source` gives random access without TensorFlow (and is what
+    `tfds.testing.mock_data` fakes). Examples are read one at a time: batched `__getitems__`
+    is not supported by the mock.
+    """
+    name = spec.tfds_name
+    try:
+        sources = tfds.data_source(
+            name, split=["train", "test"], data_dir=data_dir or None, download=False
+        )
+    except (NotImplementedError, FileNotFoundError, AssertionError, ValueError) as e:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+        if not builder.is_prepared():
+            raise FileNotFoundError(
+                f"TFDS dataset {name!r} is not prepared in {builder.data_dir}. Prepare it with "
+                f"`tfds build {name} --data_dir={builder.data_dir_root} "
+                f"--file_format=array_record` (building needs TensorFlow; reading does not)."
+            ) from e
+        raise ValueError(
+            f"TFDS dataset {name!r} at {builder.data_dir} is stored as "
+            f"{builder.info.file_format.value}, which has no random access; convert it with "
+            f"`tfds convert_format --dataset_version_dir={builder.data_dir} "
+            f"--out_file_format=array_record`."
+        ) from e
+    arrays = {}
+    for split, source in zip(("train", "test"), sources):
+        examples = [source[i] for i in range(len(source))]
+        arrays[f"x_{split}"] = np.stack([np.asarray(ex["image"]) for ex in examples])
+        arrays[f"y_{split}"] = np.asarray([ex["label"] for ex in examples], np.int64)
+    return _validated(spec, arrays, origin=f"TFDS {name!r} (data_dir={data_dir or 'default'})")
+
+
+def normalize(
+    x_uint8: jax.Array, mean: Sequence[float] | jax.Array, std: Sequence[float] | jax.Array
+) -> jax.Array:
+    """Scales uint8 images to [0, 1] and normalises each channel (SPEC §1.1).
+
+    Args:
+        x_uint8: [..., C] images with values in 0..255.
+        mean: [C] per-channel mean.
+        std: [C] per-channel standard deviation.
+
+    Returns:
+        float32 (x / 255 - mean) / std.
+    """
+    x = jnp.asarray(x_uint8, jnp.float32) / 255.0
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def denormalize(
+    x: jax.Array, mean: Sequence[float] | jax.Array, std: Sequence[float] | jax.Array
+) -> jax.Array:
+    """Inverts `normalize` up to the uint8 quantisation: values in [0, 1], not clipped.
+
+    Args:
+        x: [..., C] normalised images.
+        mean: [C] per-channel mean.
+        std: [C] per-channel standard deviation.
+
+    Returns:
+        float32 x * std + mean.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    return x * jnp.asarray(std, jnp.float32) + jnp.asarray(mean, jnp.float32)
+
+
+def class_index(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lists the dataset indices of each class, in increasing order (SPEC §1.3 `indices_class`).
+
+    Args:
+        labels: [N] integer labels in [0, num_classes).
+        num_classes: Number of classes C.
+
+    Returns:
+        (index, counts): index is int32 [C, max count] whose row c starts with the counts[c]
+        indices of class c, increasing, and is padded with 0; counts is int32 [C].
+
+    Raises:
+        ValueError: labels out of range, or a class without examples.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or (labels.size and (labels.min() < 0 or labels.max() >= num_classes)):
+        raise ValueError(f"labels must be a vector of values in [0, {num_classes}).")
+    counts = np.bincount(labels, minlength=num_classes).astype(np.int32)
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        raise ValueError(f"Classes without examples: {empty.tolist()}.")
+    index = np.zeros((num_classes, counts.max()), np.int32)
+    order = np.argsort(labels, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    for c in range(num_classes):
+        index[c, : counts[c]] = order[starts[c] : starts[c] + counts[c]]
+    return index, counts
+
+
+def sample_class_indices(
+    key: jax.Array, index_row: jax.Array, count: jax.Array, n: int
+) -> tuple[jax.Array, jax.Array]:
+    """Draws n of a class's examples without replacement (SPEC §1.3 `get_images(c, n)`).
+
+    The valid slots hold a uniformly random subset of the first `count` entries of `index_row`
+    in uniformly random order; when n >= count they hold the whole class. Vmappable over
+    (key, index_row, count).
+
+    Args:
+        key: PRNG key.
+        index_row: [max_n] int32 dataset indices of the class, valid in the first `count`.
+        count: Scalar (may be traced) number of valid entries, 1 <= count <= max_n.
+        n: Static number of slots.
+
+    Returns:
+        (indices, mask): int32 [n] dataset indices and bool [n] marking the first min(n, count)
+        slots as valid; invalid slots hold index 0.
+    """
+    max_n = index_row.shape[0]
+    # A permutation of all positions, then a stable sort that moves the valid positions
+    # (< count) to the front: their order stays uniformly random, and the count can be traced.
+    perm = jax.random.permutation(key, max_n)
+    perm = perm[jnp.argsort(perm >= count, stable=True)]
+    positions = perm[: min(n, max_n)]
+    if n > max_n:
+        positions = jnp.pad(positions, (0, n - max_n))
+    mask = jnp.arange(n) < jnp.minimum(n, count)
+    indices = jnp.where(mask, jnp.asarray(index_row)[positions], 0).astype(jnp.int32)
+    return indices, mask
+
+
+def sample_uniform_indices(key: jax.Array, num_train: int, n: int) -> jax.Array:
+    """Draws n distinct indices uniformly from [0, num_train) (SPEC §1.3 `get_images(None, n)`).
+
+    Args:
+        key: PRNG key.
+        num_train: Static size of the training set.
+        n: Static number of indices, at most num_train.
+
+    Returns:
+        int32 [n] distinct indices in random order.
+    """
+    if n > num_train:
+        raise ValueError(f"Cannot draw {n} distinct indices from {num_train} examples.")
+    return jax.random.permutation(key, num_train)[:n].astype(jnp.int32)
+
+
+def fit_zca(x_train_float_flat: np.ndarray, eps: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Fits ZCA whitening on the whole training set (SPEC §1.2).
+
+    With the unbiased (N - 1) covariance Σ = U diag(s) Uᵀ, W = U diag((s + eps)^-1/2) Uᵀ.
+    The flattening order of the pixels does not matter: the transform is equivariant to
+    permuting dimensions, so NHWC flattening gives the reference's (NCHW) whitened images.
+
+    Args:
+        x_train_float_flat: [N, D] training images scaled to [0, 1], flattened.
+        eps: Regulariser added to the eigenvalues.
+
+    Returns:
+        (mean, W): float32 [D] and [D, D].
+    """
+    x = np.asarray(x_train_float_flat)
+    num, dim = x.shape
+    mean = x.mean(axis=0, dtype=np.float64)
+    # Accumulated in float64 chunks: exact enough, and the centred copy stays small.
+    cov = np.zeros((dim, dim), np.float64)
+    for start in range(0, num, 4096):
+        chunk = x[start : start + 4096].astype(np.float64) - mean
+        cov += chunk.T @ chunk
+    cov /= num - 1
+    s, u = np.linalg.eigh(cov)
+    s = np.maximum(s, 0.0)
+    w = (u * (s + eps) ** -0.5) @ u.T
+    return mean.astype(np.float32), w.astype(np.float32)
+
+
+def apply_zca(x: jax.Array, mean: jax.Array, w: jax.Array) -> jax.Array:
+    """Whitens images: (x - mean) · W on the flattened image, reshaped back.
+
+    Args:
+        x: [..., D] flat or [..., H, W, C] images in [0, 1], with H*W*C = D.
+        mean: [D] mean from `fit_zca`.
+        w: [D, D] whitening matrix from `fit_zca`.
+
+    Returns:
+        float32 whitened images of the shape of x.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    dim = w.shape[0]
+    lead = x.shape[:-1] if x.shape[-1] == dim else x.shape[:-3]
+    flat = x.reshape(lead + (dim,)) - jnp.asarray(mean, jnp.float32)
+    # HIGHEST keeps accelerators from running this matmul in bf16.
+    out = jnp.matmul(flat, jnp.asarray(w, jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(x.shape)

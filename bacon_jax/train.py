@@ -1,0 +1,228 @@
+"""The experiment driver: distill `num_exp` synthetic sets, evaluate them, write results.
+
+`train_and_evaluate(config, workdir)` is what `experiments/run.py` calls. Per experiment e the workdir
+holds `exp{e}/checkpoints/` (Orbax, resumed automatically), `exp{e}/metrics.jsonl` (per-iteration
+scalars), `exp{e}/evals.jsonl` (every evaluation), `exp{e}/synthetic/` (the final synthetic set,
+un-expanded, as an Orbax pytree) and `exp{e}/final.json` (its accuracies). The run writes
+`config.json` and `results.json` (per architecture: all accuracies, mean and population std in
+percent over num_exp x num_eval networks, SPEC 8 / A9) at the top level.
+
+Reported accuracy is the evaluation of the state after `iterations` passes (the reference's
+it == Iteration evaluation); the reference's one extra pass after it is not run (quirk 12).
+"""
+
+import functools
+import json
+import os
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bacon_jax import checkpointing, config_lib, data, distill, evaluation, models
+
+# fold_in tags of an experiment's key.
+_INIT, _EVAL = 0, 1
+
+
+def _is_writer():
+    return jax.process_index() == 0
+
+
+def _append_jsonl(path, record):
+    if _is_writer():
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _write_json(path, obj):
+    if _is_writer():
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+
+
+def summarize(accuracies):
+    """{'accuracies', 'mean', 'std'} in percent; std is the population std (np.std, ddof 0)."""
+    values = np.asarray(accuracies, np.float64) * 100.0
+    return {
+        "accuracies": [float(v) for v in values],
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "num_runs": int(values.size),
+    }
+
+
+def evaluate_state(state, spec, config, dataset, key):
+    """Evaluates the state's synthetic set on every architecture of `config.eval.models`."""
+    images, labels = distill.synthetic_set(state, spec)
+    images, labels = distill.training_set(images, labels, spec)
+    test_images = jnp.asarray(dataset.x_test)
+    test_labels = jnp.asarray(dataset.y_test, jnp.int32)
+    results = {}
+    for index, name in enumerate(config.eval.models):
+        eval_spec = evaluation.spec_from_config(config, name, dataset.spec)
+        results[name] = evaluation.evaluate_synthetic(
+            jax.random.fold_in(key, index), images, labels, test_images, test_labels,
+            dataset.preprocessing, config.eval.num_eval, eval_spec,
+        )
+    return results
+
+
+class _Progress:
+    """Rate and ETA of the distillation loop, measured after the first (compiling) iteration."""
+
+    def __init__(self, start, total):
+        self.start, self.total = start, total
+        self.t0, self.it0 = None, None
+
+    def line(self, it, metrics):
+        now = time.time()
+        if self.t0 is None:
+            self.t0, self.it0 = now, it
+        rate = (it - self.it0) / max(now - self.t0, 1e-9) if it > self.it0 else 0.0
+        eta = (self.total - it) / rate if rate > 0 else float("nan")
+        scalars = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        return f"it {it}/{self.total} {scalars} | {rate:.2f} it/s, ETA {eta / 60:.1f} min"
+
+
+def _flush(pending, metrics_path, progress, exp):
+    """Fetches the pending per-iteration metrics, stops on NaN/Inf, logs and writes them."""
+    fetched = jax.device_get(pending)
+    for it, metrics in fetched:
+        values = {k: float(v) for k, v in metrics.items()}
+        bad = [k for k, v in values.items() if not np.isfinite(v)]
+        if bad:
+            raise FloatingPointError(
+                f"Experiment {exp}: non-finite {', '.join(bad)} at iteration {it} "
+                f"({values}); stopping before any checkpoint is overwritten."
+            )
+        _append_jsonl(metrics_path, {"iteration": it, **values, "time": time.time()})
+    it, metrics = fetched[-1]
+    logging.info("[exp %d] %s", exp, progress.line(it + 1, {k: float(v) for k, v in metrics.items()}))
+    pending.clear()
+
+
+def run_experiment(config, exp, key, dataset, real, workdir):
+    """Distills one synthetic set (resuming from the latest checkpoint) and evaluates it.
+
+    Returns:
+        {architecture: np.ndarray of num_eval accuracies}.
+    """
+    exp_dir = os.path.join(workdir, f"exp{exp}")
+    os.makedirs(exp_dir, exist_ok=True)
+    final_path = os.path.join(exp_dir, "final.json")
+    max_class = int(np.max(np.bincount(dataset.y_train, minlength=dataset.spec.num_classes)))
+    spec = distill.spec_from_config(config, dataset.spec, max_class)
+    model = models.get_model(config.model, dataset.spec.num_classes, dataset.spec.image_shape)
+    metadata = checkpointing.state_metadata(config, dataset.spec)
+    iterations = 0 if config.method == "random" else int(config.iterations)
+
+    init_key, eval_key = jax.random.fold_in(key, _INIT), jax.random.fold_in(key, _EVAL)
+    init_fn = jax.jit(functools.partial(distill.init_state, model=model, spec=spec))
+    manager = checkpointing.make_manager(os.path.join(exp_dir, "checkpoints"))
+    template = jax.eval_shape(init_fn, init_key, real)
+    state = checkpointing.restore_latest(manager, template, metadata)
+    if state is None:
+        state = init_fn(init_key, real)
+    start = int(state.step)
+    if os.path.exists(final_path) and start == iterations:
+        with open(final_path) as f:
+            done = json.load(f)
+        if done.get("iteration") == iterations and set(done["accuracies"]) == set(config.eval.models):
+            logging.info("[exp %d] already finished; reusing %s", exp, final_path)
+            return {k: np.asarray(v) for k, v in done["accuracies"].items()}
+    if start:
+        logging.info("[exp %d] resumed from iteration %d", exp, start)
+
+    step_fn = jax.jit(
+        functools.partial(distill.distill_step, model=model, spec=spec), donate_argnums=0
+    )
+    progress = _Progress(start, iterations)
+    metrics_path = os.path.join(exp_dir, "metrics.jsonl")
+    evals_path = os.path.join(exp_dir, "evals.jsonl")
+    pending = []
+    for it in range(start, iterations):
+        if it > 0 and it % config.eval.every == 0 and config.eval.intermediate:
+            accs = evaluate_state(state, spec, config, dataset, jax.random.fold_in(eval_key, it))
+            for name, values in accs.items():
+                summary = summarize(values)
+                _append_jsonl(evals_path, {"iteration": it, "model": name, **summary})
+                logging.info("[exp %d] it %d %s: %.2f +- %.2f", exp, it, name, summary["mean"],
+                             summary["std"])
+        state, metrics = step_fn(state, real)
+        pending.append((it, metrics))
+        done_it = it + 1
+        save_now = done_it % config.checkpoint_every == 0 or manager.reached_preemption(done_it)
+        if done_it % config.log_every == 0 or save_now or done_it == iterations:
+            _flush(pending, metrics_path, progress, exp)
+        if save_now:
+            checkpointing.save(manager, done_it, state, metadata)
+            if manager.reached_preemption(done_it):
+                raise SystemExit(f"Preempted at iteration {done_it}; checkpoint saved.")
+    if manager.latest_step() != iterations:
+        checkpointing.save(manager, iterations, state, metadata)
+
+    images, labels = distill.synthetic_set(state, spec)
+    checkpointing.save_pytree(
+        os.path.join(exp_dir, "synthetic"), {"images": images, "labels": labels}
+    )
+    accuracies = evaluate_state(
+        state, spec, config, dataset, jax.random.fold_in(eval_key, iterations)
+    )
+    for name, values in accuracies.items():
+        summary = summarize(values)
+        _append_jsonl(evals_path, {"iteration": iterations, "model": name, **summary})
+        logging.info("[exp %d] final (it %d) %s: %.2f +- %.2f", exp, iterations, name,
+                     summary["mean"], summary["std"])
+    _write_json(final_path, {
+        "iteration": iterations,
+        "accuracies": {k: [float(x) for x in v] for k, v in accuracies.items()},
+    })
+    return accuracies
+
+
+def train_and_evaluate(config, workdir):
+    """Runs `config.num_exp` distillations into `workdir` and writes `results.json`.
+
+    Args:
+        config: a validated-on-entry ConfigDict (see configs/default.py for the fields).
+        workdir: output directory; rerunning with the same workdir resumes.
+
+    Returns:
+        The results dict written to results.json.
+    """
+    config_lib.validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    _write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
+    dataset = data.load_dataset(config.dataset)
+    real = distill.real_data_from_dataset(dataset)
+    logging.info("Dataset %s: %d train / %d test images of shape %s, %d classes", dataset.spec.name,
+                 len(dataset.y_train), len(dataset.y_test), dataset.spec.image_shape,
+                 dataset.spec.num_classes)
+    root = jax.random.PRNGKey(config.seed)
+    per_model = {name: [] for name in config.eval.models}
+    for exp in range(config.num_exp):
+        accuracies = run_experiment(
+            config, exp, jax.random.fold_in(root, exp), dataset, real, workdir
+        )
+        for name, values in accuracies.items():
+            per_model[name].extend(np.asarray(values).tolist())
+    results = {
+        "dataset": config.dataset.name,
+        "method": config.method,
+        "ipc": int(config.ipc),
+        "iterations": int(config.iterations),
+        "num_exp": int(config.num_exp),
+        "num_eval": int(config.eval.num_eval),
+        "results": {name: summarize(values) for name, values in per_model.items()},
+        "config": config_lib.to_dict(config),
+    }
+    _write_json(os.path.join(workdir, "results.json"), results)
+    for name, summary in results["results"].items():
+        logging.info("%s %s ipc%d %s: %.2f +- %.2f (%d runs)", config.dataset.name, config.method,
+                     config.ipc, name, summary["mean"], summary["std"], summary["num_runs"])
+    return results

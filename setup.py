@@ -1,0 +1,30 @@
+"""Install bacon_jax: `pip install -e .` (library) or `pip install -e .[test]` (with pytest)."""
+
+import setuptools
+
+setuptools.setup(
+    name="bacon_jax",
+    version="0.1.0",
+    description=(
+        "Dataset distillation in JAX/Flax: BACON, IDM, DM and the CMI regularizer, "
+        "with the field's evaluation protocol."
+    ),
+    packages=setuptools.find_packages(include=["bacon_jax", "bacon_jax.*"]),
+    python_requires=">=3.10",
+    # Ranges admit the CPU wheels CI installs (jax 0.10) and the CUDA/TPU builds
+    # of jax 0.11 on accelerator machines. For GPU: pip install -U "jax[cuda12]".
+    install_requires=[
+        "jax>=0.5.0,<0.12",
+        "flax>=0.10.0,<0.13",
+        "optax>=0.2.4,<0.3",
+        "chex>=0.1.88,<0.2",
+        "orbax-checkpoint>=0.11.0,<0.13",
+        "ml-collections>=0.1.1,<2",
+        "tensorflow-datasets>=4.9.7,<5",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "scikit-learn>=1.3",  # bundled 8x8 digits, the offline default dataset
+        "Pillow>=10",  # PNG grids of synthetic images
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"]},
+)
