@@ -89,7 +89,9 @@ def choose(name, value, allowed):
 # applied after these defaults.
 METHOD_DEFAULTS = {
     "random": {"expand": False},
-    "dm": {"expand": False, "image_update": "joint", "lr_img": 1.0, "syn_ce": False},
+    # DM (SPEC 6): batch_real 256 at every IPC, evaluation every 2000 iterations (no meters).
+    "dm": {"expand": False, "image_update": "joint", "lr_img": 1.0, "syn_ce": False,
+           "batch_real": 256, "eval.every": 2000},
     "idm": {},
     "bacon": {},
 }
