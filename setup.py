@@ -25,6 +25,7 @@ setuptools.setup(
         "numpy>=1.26",
         "scikit-learn>=1.3",  # bundled 8x8 digits, the offline default dataset
         "Pillow>=10",  # PNG grids of synthetic images
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow (clu's writer needs TF)
     ],
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"]},
 )

@@ -26,10 +26,10 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from bacon_jax import augment, data, loops, losses, models, sgd
+from bacon_jax import augment, data, loops, losses, models, parallel, sgd
 
 # fold_in tags of the per-iteration key, one per purpose.
-_NEW_NET, _PICK_NET, _CLASSES, _POOL_PICK, _POOL_TRAIN, _FRESH_NET = range(6)
+_NEW_NET, _PICK_NET, _CLASSES, _POOL_PICK, _POOL_TRAIN, _FRESH_NET, _TEACHER = range(7)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,10 @@ class DistillSpec:
     # inside while-loop bodies ~20x slower than outside (jax-ml/jax#12868); accelerators do not
     # need it. The maths is the same either way.
     unroll_loops: bool = False
+    # Devices the step is mapped over (parallel.py); None = all devices.
+    mesh: Optional[Any] = None
+    # CMI regularizer weight (SPEC 7, A8); 0 = off. Needs a teacher passed to distill_step.
+    cmi_weight: float = 0.0
 
     @property
     def uses_pool(self):
@@ -78,7 +82,7 @@ class DistillSpec:
         return self.num_classes if self.image_update == "per_class" else 1
 
 
-def spec_from_config(config, dataset_spec, max_class_size):
+def spec_from_config(config, dataset_spec, max_class_size, mesh=None):
     """Builds the static engine settings from a config and a data.DatasetSpec."""
     return DistillSpec(
         method=config.method,
@@ -106,6 +110,8 @@ def spec_from_config(config, dataset_spec, max_class_size):
         net_weight_decay=float(config.net_weight_decay),
         meter_reset_every=int(config.eval.every),
         unroll_loops=unroll_loops(config),
+        mesh=mesh,
+        cmi_weight=float(config.cmi.weight) if "cmi" in config else 0.0,
     )
 
 
@@ -365,7 +371,10 @@ def _pick_distinct_slots(key, size, capacity, count):
 def _train_one_net(params, momentum, key, real, model, spec):
     """`model_train_steps` SGD steps on uniform real batches, no augmentation (SPEC 5.8).
 
-    Returns the new params and momentum, and the number of correct pre-update predictions.
+    Runs per device inside shard_map: every device draws the same global batch of `trained_bs`
+    indices and trains on its slice; the gradient of the global mean loss is the `pmean` of the
+    slices' mean-loss gradients. Returns the new params and momentum, and the number of correct
+    pre-update predictions over the global batch.
     """
     num_train = real.images.shape[0]
 
@@ -374,6 +383,7 @@ def _train_one_net(params, momentum, key, real, model, spec):
         indices = data.sample_uniform_indices(
             jax.random.fold_in(key, step_index), num_train, spec.trained_bs
         )
+        indices = parallel.local_slice(indices, spec.trained_bs)
         images, labels = real.take(indices), real.labels[indices]
 
         def loss_fn(p):
@@ -381,7 +391,9 @@ def _train_one_net(params, momentum, key, real, model, spec):
             return losses.cross_entropy(logits, labels), logits
 
         (_, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        correct += jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.int32)
+        grads = jax.lax.pmean(grads, parallel.AXIS)
+        hits = jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.int32)
+        correct += jax.lax.psum(hits, parallel.AXIS)
         params, momentum = sgd.sgd_step(
             params, momentum, grads, spec.lr_net,
             beta=spec.net_momentum, weight_decay=spec.net_weight_decay,
@@ -403,9 +415,15 @@ def train_pool(pool, key, real, model, spec):
     )
     take = lambda stack: stack[slots]
     keys = jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(key, 1), j))(slots)
-    params, momentum, correct = jax.vmap(
-        functools.partial(_train_one_net, real=real, model=model, spec=spec)
-    )(jax.tree.map(take, pool.params), jax.tree.map(take, pool.momentum), keys)
+    mesh = parallel.resolve(spec.mesh)
+    train = parallel.shard(
+        jax.vmap(functools.partial(_train_one_net, model=model, spec=spec),
+                 in_axes=(0, 0, 0, None)),
+        mesh, in_specs=parallel.replicated, out_specs=parallel.replicated,
+    )
+    params, momentum, correct = train(
+        jax.tree.map(take, pool.params), jax.tree.map(take, pool.momentum), keys, real
+    )
     put = lambda stack, value: stack.at[slots].set(value)
     return pool.replace(
         params=jax.tree.map(put, pool.params, params),
@@ -419,8 +437,13 @@ def train_pool(pool, key, real, model, spec):
 # The per-class objective and the step.
 
 
-def class_objective(class_images, class_id, key, params, ce_multiplier, real, model, spec):
+def class_objective(class_images, class_id, key, params, ce_multiplier, real, model, spec,
+                    teacher=None):
     """One class's loss and its gradient w.r.t. the class's stored images (SPEC 5.3, 6).
+
+    With `teacher` = (module, one teacher's variables) and `spec.cmi_weight` > 0, the class's CMI
+    term is added on its expanded images before DSA (SPEC A8; IDM/BACON only, DM adds its term once
+    per iteration on the raw set in `distill_step`).
 
     Args:
         class_images: [ipc, H, W, ch] stored images of class `class_id`.
@@ -451,31 +474,66 @@ def class_objective(class_images, class_id, key, params, ce_multiplier, real, mo
         labels = jnp.full((images.shape[0],), class_id, jnp.int32)
         if spec.expand:
             images, labels = augment.expand_quadrants(images, labels)
+        cmi = jnp.zeros(())
+        if teacher is not None and spec.cmi_weight and spec.uses_pool:
+            teacher_model, teacher_variables = teacher
+            embeddings = teacher_model.apply(
+                jax.lax.stop_gradient(teacher_variables), images, train=False, method="embed")
+            cmi = losses.cmi_loss(embeddings, 1, images.shape[0])
         if spec.dsa_families:
             images = augment.dsa(images, dsa_key, siamese=True, families=spec.dsa_families)
         features = model.apply({"params": params}, images, method=model.embed)
-        match = match_fn(features, real_features, mask)
+        match = match_fn(features, real_features, mask) + spec.cmi_weight * cmi
         if not spec.syn_ce:
-            return match, {"match_loss": match, "ce_loss": jnp.zeros(())}
+            return match, {"match_loss": match, "ce_loss": jnp.zeros(()), "cmi_loss": cmi}
         logits = model.apply({"params": params}, features, method=model.classify)
         ce = losses.cross_entropy(logits, labels)
-        return match + ce_multiplier * ce, {"match_loss": match, "ce_loss": ce}
+        return match + ce_multiplier * ce, {"match_loss": match, "ce_loss": ce, "cmi_loss": cmi}
 
     (loss, metrics), grad = jax.value_and_grad(objective, has_aux=True)(class_images)
     return grad, dict(metrics, loss=loss)
 
 
-def _all_class_gradients(images, key, params, ce_multiplier, real, model, spec):
-    """Gradients of every class's objective in one batched pass, chunked over classes."""
+def _all_class_gradients(images, key, params, ce_multiplier, real, model, spec, teacher=None):
+    """Gradients of every class's objective, classes split over the devices of `spec.mesh`.
+
+    Classes are padded to a multiple of the device count; a padded class reads the last real
+    class's data under its own (global) id and its outputs are dropped, so it never touches a
+    real class. Within a device, classes run `classes_per_chunk` at a time.
+    """
+    mesh = parallel.resolve(spec.mesh)
+    num_padded = parallel.padded(spec.num_classes, mesh)
     per_class = images.reshape((spec.num_classes, spec.ipc) + tuple(images.shape[1:]))
-    class_ids = jnp.arange(spec.num_classes, dtype=jnp.int32)
+    per_class = jnp.pad(per_class, [(0, num_padded - spec.num_classes)] + [(0, 0)] * 4)
+    class_ids = jnp.arange(num_padded, dtype=jnp.int32)
     keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(class_ids)
-    fn = lambda args: class_objective(
-        *args, params=params, ce_multiplier=ce_multiplier, real=real, model=model, spec=spec
+    local_classes = num_padded // mesh.size
+    chunk = min(spec.classes_per_chunk or local_classes, local_classes)
+
+    teacher_model, teacher_variables = teacher if teacher is not None else (None, None)
+
+    def local(per_class, class_ids, keys, params, ce_multiplier, real, teacher_variables):
+        def one_class(args):
+            class_images, class_id, class_key = args
+            data_class = jnp.minimum(class_id, spec.num_classes - 1)
+            return class_objective(
+                class_images, data_class, class_key, params, ce_multiplier, real, model, spec,
+                None if teacher_model is None else (teacher_model, teacher_variables),
+            )
+
+        return map_in_chunks(one_class, (per_class, class_ids, keys), chunk, spec.unroll_loops)
+
+    sharded = parallel.shard(
+        local, mesh,
+        in_specs=(parallel.split, parallel.split, parallel.split, parallel.replicated,
+                  parallel.replicated, parallel.replicated, parallel.replicated),
+        out_specs=(parallel.split, parallel.split),
     )
-    chunk = spec.classes_per_chunk or spec.num_classes
-    grads, metrics = map_in_chunks(fn, (per_class, class_ids, keys), chunk, spec.unroll_loops)
-    return grads.reshape(images.shape), metrics
+    grads, metrics = sharded(per_class, class_ids, keys, params, ce_multiplier, real,
+                             teacher_variables)
+    drop_padding = lambda x: x[: spec.num_classes]
+    grads = drop_padding(grads).reshape(images.shape)
+    return grads, jax.tree.map(drop_padding, metrics)
 
 
 def _select_network(state, it_key, model, spec):
@@ -500,7 +558,20 @@ def _select_network(state, it_key, model, spec):
     return params, jnp.asarray(multiplier, jnp.float32), pool
 
 
-def distill_step(state, real, *, model, spec):
+def _dm_cmi_gradient(images, teacher, spec):
+    """Gradient of weight x CMI of the whole raw synthetic set (DM, SPEC 7.4), and the term."""
+    teacher_model, teacher_variables = teacher
+
+    def term(images):
+        embeddings = teacher_model.apply(
+            jax.lax.stop_gradient(teacher_variables), images, train=False, method="embed")
+        return losses.cmi_loss(embeddings, spec.num_classes, spec.ipc)
+
+    value, grad = jax.value_and_grad(term)(images)
+    return spec.cmi_weight * grad, value
+
+
+def distill_step(state, real, teachers=None, *, model, spec, teacher_model=None):
     """One distillation pass (one reference iteration `it`), pure and jittable.
 
     Order (SPEC 5.2): meter reset at evaluation points, pool growth, matching-net choice, all classes'
@@ -509,18 +580,32 @@ def distill_step(state, real, *, model, spec):
     Args:
         state: DistillState before pass `state.step`.
         real: RealData (device arrays; not donated).
+        teachers: stacked teacher variables [T, ...] for the CMI term (one drawn per iteration),
+            or None when `spec.cmi_weight` is 0.
         model: the distillation network (static).
         spec: DistillSpec (static).
+        teacher_model: the teachers' module (static), with `teachers`.
 
     Returns:
         (new_state, metrics): metrics are scalars (means over classes, CE multiplier, pool size).
     """
     it_key = jax.random.fold_in(state.key, state.step)
     params, ce_multiplier, pool = _select_network(state, it_key, model, spec)
+    teacher = None
+    if spec.cmi_weight:
+        if teachers is None or teacher_model is None:
+            raise ValueError("spec.cmi_weight > 0 needs teachers and teacher_model.")
+        index = jax.random.randint(jax.random.fold_in(it_key, _TEACHER), (), 0,
+                                   jax.tree.leaves(teachers)[0].shape[0])
+        teacher = (teacher_model, jax.tree.map(lambda leaf: leaf[index], teachers))
     grads, class_metrics = _all_class_gradients(
         state.images, jax.random.fold_in(it_key, _CLASSES), params, ce_multiplier, real, model,
-        spec,
+        spec, teacher if spec.uses_pool else None,
     )
+    if teacher is not None and not spec.uses_pool:
+        cmi_grad, cmi_value = _dm_cmi_gradient(state.images, teacher, spec)
+        grads = grads + cmi_grad
+        class_metrics["cmi_loss"] = jnp.full((spec.num_classes,), cmi_value)
     images, momentum = per_class_image_update(
         state.images, state.momentum, grads, spec.lr_img, spec.steps_between_class_updates
     )

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bacon_jax import augment, loops, losses, models, sgd
+from bacon_jax import augment, loops, losses, models, parallel, sgd
 from bacon_jax import distill as distill_lib
 
 
@@ -43,9 +43,11 @@ class EvalSpec:
     # (jax-ml/jax#12868), so on CPU the epoch loop runs from Python and inner loops are unrolled.
     fuse_epochs: bool = True
     unroll_loops: bool = False
+    # Devices the networks are split over (parallel.py); None = all devices.
+    mesh: Optional[Any] = None
 
 
-def spec_from_config(config, model_name, dataset_spec):
+def spec_from_config(config, model_name, dataset_spec, mesh=None):
     """EvalSpec for `model_name` from `config.eval` and a data.DatasetSpec."""
     return EvalSpec(
         model_name=model_name,
@@ -60,6 +62,7 @@ def spec_from_config(config, model_name, dataset_spec):
         test_batch_size=int(config.eval.test_batch_size),
         fuse_epochs=not distill_lib.unroll_loops(config),
         unroll_loops=distill_lib.unroll_loops(config),
+        mesh=mesh,
     )
 
 
@@ -219,34 +222,64 @@ def train_and_test(key, images, labels, test_images, test_labels, preprocessing,
     return test_accuracy(state, test_images, test_labels, preprocessing, model=model, spec=spec)
 
 
+def _over_nets(fn, spec, num_replicated):
+    """shard_map of a per-device function whose first argument is split over the networks."""
+    mesh = parallel.resolve(spec.mesh)
+    return parallel.shard(
+        fn, mesh, in_specs=(parallel.split,) + (parallel.replicated,) * num_replicated,
+        out_specs=parallel.split,
+    )
+
+
 @functools.partial(jax.jit, static_argnames=("model", "spec"))
 def _fused(keys, images, labels, test_images, test_labels, preprocessing, model, spec):
-    return jax.vmap(
-        lambda k: train_and_test(
-            k, images, labels, test_images, test_labels, preprocessing, model=model, spec=spec
-        )
-    )(keys)
+    def local(keys, images, labels, test_images, test_labels, preprocessing):
+        return jax.vmap(
+            lambda k: train_and_test(
+                k, images, labels, test_images, test_labels, preprocessing, model=model, spec=spec
+            )
+        )(keys)
+
+    return _over_nets(local, spec, 5)(keys, images, labels, test_images, test_labels,
+                                      preprocessing)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "spec"))
 def _init_many(keys, model, spec):
-    return jax.vmap(lambda k: init_eval_state(k, model, spec))(keys)
+    local = lambda keys: jax.vmap(lambda k: init_eval_state(k, model, spec))(keys)
+    return _over_nets(local, spec, 0)(keys)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "spec"), donate_argnums=0)
 def _epoch_many(states, keys, epoch, lr, images, labels, model, spec):
-    return jax.vmap(
-        lambda s, k: _train_epoch(
-            s, jax.random.fold_in(k, epoch), lr, images, labels, model=model, spec=spec
-        )
-    )(states, keys)
+    def local(states, keys, epoch, lr, images, labels):
+        return jax.vmap(
+            lambda s, k: _train_epoch(
+                s, jax.random.fold_in(k, epoch), lr, images, labels, model=model, spec=spec
+            )
+        )(states, keys)
+
+    mesh = parallel.resolve(spec.mesh)
+    return parallel.shard(
+        local, mesh, in_specs=(parallel.split, parallel.split) + (parallel.replicated,) * 4,
+        out_specs=parallel.split,
+    )(states, keys, epoch, lr, images, labels)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "spec"))
 def _test_many(states, test_images, test_labels, preprocessing, model, spec):
-    return jax.vmap(
-        lambda s: test_accuracy(s, test_images, test_labels, preprocessing, model=model, spec=spec)
-    )(states)
+    def local(states, test_images, test_labels, preprocessing):
+        return jax.vmap(
+            lambda s: test_accuracy(s, test_images, test_labels, preprocessing, model=model,
+                                    spec=spec)
+        )(states)
+
+    return _over_nets(local, spec, 3)(states, test_images, test_labels, preprocessing)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _reset_all_momenta(states, spec):
+    return jax.vmap(_reset_momentum)(states)
 
 
 def _stepwise(keys, images, labels, test_images, test_labels, preprocessing, model, spec):
@@ -258,7 +291,7 @@ def _stepwise(keys, images, labels, test_images, test_labels, preprocessing, mod
     for num_epochs, factor in lr_phases(spec.epochs):
         if num_epochs == 0:
             continue
-        states = jax.vmap(_reset_momentum)(states)
+        states = _reset_all_momenta(states, spec)
         lr = jnp.float32(spec.lr * factor)
         for e in range(epoch, epoch + num_epochs):
             states = _epoch_many(states, train_keys, e, lr, images, labels, model, spec)
@@ -283,7 +316,16 @@ def evaluate_synthetic(key, images, labels, test_images, test_labels, preprocess
         numpy array [num_eval] of test accuracies in [0, 1].
     """
     model = models.get_model(spec.model_name, spec.num_classes, spec.image_shape)
-    keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(num_eval))
+    # Networks are split over just enough devices; padding networks are trained and dropped.
+    spec = dataclasses.replace(spec, mesh=parallel.fitted(parallel.resolve(spec.mesh), num_eval))
+    num_padded = parallel.padded(num_eval, spec.mesh)
+    keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(num_padded))
+    # The inputs may live on the distillation's (larger) mesh; replicate them onto this one.
+    on_mesh = lambda tree: jax.device_put(
+        tree, jax.sharding.NamedSharding(spec.mesh, parallel.replicated))
+    images, labels, test_images, test_labels, preprocessing = on_mesh(
+        (images, labels, test_images, test_labels, preprocessing))
+    keys = jax.device_put(keys, jax.sharding.NamedSharding(spec.mesh, parallel.split))
     run = _fused if spec.fuse_epochs else _stepwise
     correct = run(keys, images, labels, test_images, test_labels, preprocessing, model, spec)
-    return np.asarray(correct) / test_images.shape[0]
+    return np.asarray(correct)[:num_eval] / test_images.shape[0]

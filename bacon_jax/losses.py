@@ -116,3 +116,39 @@ def cross_entropy(logits, labels, mask=None):
 
 
 MATCHING_LOSSES = {"mmd": mmd_loss, "bacon": bacon_loss}
+
+
+def cmi_loss(embeddings, num_classes, ipc):
+    """Class-aware CMI of a synthetic set in a teacher's feature space (SPEC 7.2, A8).
+
+    p_i = softmax(f_i) over the D feature dimensions (not over classes); q_c = mean of the p_i of
+    class c; the loss is the mean over rows of KL(p_i || q_{y_i}), i.e. torch's
+    `kl_div(log q, log p, log_target=True, reduction='batchmean')` over C * ipc rows. Rows must be
+    class-major: rows c * ipc .. (c + 1) * ipc - 1 belong to class c.
+
+    Gradients flow through both p_i and q_c, as in the reference. The centroid path contributes
+    exactly zero: d/dq_c of -sum_i p_i . log q_c is -ipc * 1 (a constant vector, since q_c is the
+    mean of the p_i), and the softmax Jacobian annihilates constant vectors. So the gradient equals
+    the one with q_c detached (tests/test_cmi.py checks this). With ipc == 1, q_c = p_i and the loss
+    is identically 0 (SPEC 7.2; CMI has no effect on DM at IPC 1).
+
+    log q_c is computed as logsumexp_i(log p_i) - log(ipc), which equals log(mean p_i) but stays
+    finite when some p_ik underflow.
+
+    Args:
+        embeddings: [num_classes * ipc, D] teacher embeddings, class-major.
+        num_classes: C (static). Pass 1 for the loss of a single class's samples.
+        ipc: samples per class (static).
+
+    Returns:
+        Scalar mean KL(p_i || q_{y_i}).
+    """
+    rows, dim = embeddings.shape
+    if rows != num_classes * ipc:
+        raise ValueError(
+            f"cmi_loss: {rows} embeddings do not match num_classes * ipc = {num_classes} * {ipc}."
+        )
+    log_p = jax.nn.log_softmax(embeddings.reshape(num_classes, ipc, dim), axis=-1)
+    log_q = jax.nn.logsumexp(log_p, axis=1, keepdims=True) - math.log(ipc)
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    return jnp.sum(kl) / rows

@@ -3,7 +3,9 @@
 `train_and_evaluate(config, workdir)` is what `experiments/run.py` calls. Per experiment e the workdir
 holds `exp{e}/checkpoints/` (Orbax, resumed automatically), `exp{e}/metrics.jsonl` (per-iteration
 scalars), `exp{e}/evals.jsonl` (every evaluation), `exp{e}/synthetic/` (the final synthetic set,
-un-expanded, as an Orbax pytree) and `exp{e}/final.json` (its accuracies). The run writes
+un-expanded, as an Orbax pytree), its export `exp{e}/synthetic.npz` + `synthetic.png` (export.py),
+`exp{e}/images_it{it}.png` (the set at every evaluation), TensorBoard event files of the scalars and
+accuracies in `exp{e}/`, and `exp{e}/final.json` (its accuracies). The run writes
 `config.json` and `results.json` (per architecture: all accuracies, mean and population std in
 percent over num_exp x num_eval networks, SPEC 8 / A9) at the top level.
 
@@ -21,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bacon_jax import checkpointing, config_lib, data, distill, evaluation, models
+from bacon_jax import checkpointing, config_lib, data, distill, evaluation, export, models, parallel
+from bacon_jax import teacher as teacher_lib
 
 # fold_in tags of an experiment's key.
 _INIT, _EVAL = 0, 1
@@ -56,6 +59,15 @@ def summarize(accuracies):
     }
 
 
+def make_mesh(config):
+    """The device mesh of a run: `config.num_devices` devices (0 = all of them)."""
+    count = int(config.get("num_devices", 0))
+    devices = jax.devices()
+    if count > len(devices):
+        raise ValueError(f"num_devices={count} but only {len(devices)} devices are visible.")
+    return parallel.make_mesh(devices[:count] if count else devices)
+
+
 def evaluate_state(state, spec, config, dataset, key):
     """Evaluates the state's synthetic set on every architecture of `config.eval.models`."""
     images, labels = distill.synthetic_set(state, spec)
@@ -64,7 +76,7 @@ def evaluate_state(state, spec, config, dataset, key):
     test_labels = jnp.asarray(dataset.y_test, jnp.int32)
     results = {}
     for index, name in enumerate(config.eval.models):
-        eval_spec = evaluation.spec_from_config(config, name, dataset.spec)
+        eval_spec = evaluation.spec_from_config(config, name, dataset.spec, mesh=spec.mesh)
         results[name] = evaluation.evaluate_synthetic(
             jax.random.fold_in(key, index), images, labels, test_images, test_labels,
             dataset.preprocessing, config.eval.num_eval, eval_spec,
@@ -89,7 +101,7 @@ class _Progress:
         return f"it {it}/{self.total} {scalars} | {rate:.2f} it/s, ETA {eta / 60:.1f} min"
 
 
-def _flush(pending, metrics_path, progress, exp):
+def _flush(pending, metrics_path, progress, exp, writer):
     """Fetches the pending per-iteration metrics, stops on NaN/Inf, logs and writes them."""
     fetched = jax.device_get(pending)
     for it, metrics in fetched:
@@ -101,9 +113,26 @@ def _flush(pending, metrics_path, progress, exp):
                 f"({values}); stopping before any checkpoint is overwritten."
             )
         _append_jsonl(metrics_path, {"iteration": it, **values, "time": time.time()})
+        writer.write_scalars(it, {f"train/{k}": v for k, v in values.items()})
+    writer.flush()
     it, metrics = fetched[-1]
     logging.info("[exp %d] %s", exp, progress.line(it + 1, {k: float(v) for k, v in metrics.items()}))
     pending.clear()
+
+
+def _record_evaluation(writer, exp_dir, it, state, spec, dataset, accuracies):
+    """Evaluation accuracies to TensorBoard and the evaluated snapshot as `images_it{it}.png`.
+
+    The grid is denormalised and clipped, one row per class, like the reference's PNGs (SPEC 5.9,
+    quirk 31).
+    """
+    means = {f"eval/{name}": summarize(v)["mean"] for name, v in accuracies.items()}
+    writer.write_scalars(it, means)
+    writer.flush()
+    if _is_writer():
+        images, _ = distill.synthetic_set(state, spec)
+        export.save_grid_png(os.path.join(exp_dir, f"images_it{it}.png"), images,
+                             dataset.preprocessing, spec.ipc, spec.num_classes)
 
 
 def run_experiment(config, exp, key, dataset, real, workdir):
@@ -116,7 +145,7 @@ def run_experiment(config, exp, key, dataset, real, workdir):
     os.makedirs(exp_dir, exist_ok=True)
     final_path = os.path.join(exp_dir, "final.json")
     max_class = int(np.max(np.bincount(dataset.y_train, minlength=dataset.spec.num_classes)))
-    spec = distill.spec_from_config(config, dataset.spec, max_class)
+    spec = distill.spec_from_config(config, dataset.spec, max_class, mesh=make_mesh(config))
     model = models.get_model(config.model, dataset.spec.num_classes, dataset.spec.image_shape)
     metadata = checkpointing.state_metadata(config, dataset.spec)
     iterations = 0 if config.method == "random" else int(config.iterations)
@@ -138,12 +167,18 @@ def run_experiment(config, exp, key, dataset, real, workdir):
     if start:
         logging.info("[exp %d] resumed from iteration %d", exp, start)
 
+    # CMI teachers (SPEC 7): loaded and checked against the dataset when cmi.weight > 0.
+    teachers = teacher_lib.load_teachers_from_config(config, dataset.spec)
+    teacher_model, teacher_variables = teachers if teachers is not None else (None, None)
     step_fn = jax.jit(
-        functools.partial(distill.distill_step, model=model, spec=spec), donate_argnums=0
+        functools.partial(distill.distill_step, model=model, spec=spec,
+                          teacher_model=teacher_model),
+        donate_argnums=0,
     )
     progress = _Progress(start, iterations)
     metrics_path = os.path.join(exp_dir, "metrics.jsonl")
     evals_path = os.path.join(exp_dir, "evals.jsonl")
+    writer = export.create_summary_writer(exp_dir, just_logging=not _is_writer())
     pending = []
     for it in range(start, iterations):
         if it > 0 and it % config.eval.every == 0 and config.eval.intermediate:
@@ -153,12 +188,13 @@ def run_experiment(config, exp, key, dataset, real, workdir):
                 _append_jsonl(evals_path, {"iteration": it, "model": name, **summary})
                 logging.info("[exp %d] it %d %s: %.2f +- %.2f", exp, it, name, summary["mean"],
                              summary["std"])
-        state, metrics = step_fn(state, real)
+            _record_evaluation(writer, exp_dir, it, state, spec, dataset, accs)
+        state, metrics = step_fn(state, real, teacher_variables)
         pending.append((it, metrics))
         done_it = it + 1
         save_now = done_it % config.checkpoint_every == 0 or manager.reached_preemption(done_it)
         if done_it % config.log_every == 0 or save_now or done_it == iterations:
-            _flush(pending, metrics_path, progress, exp)
+            _flush(pending, metrics_path, progress, exp, writer)
         if save_now:
             checkpointing.save(manager, done_it, state, metadata)
             if manager.reached_preemption(done_it):
@@ -170,6 +206,8 @@ def run_experiment(config, exp, key, dataset, real, workdir):
     checkpointing.save_pytree(
         os.path.join(exp_dir, "synthetic"), {"images": images, "labels": labels}
     )
+    if _is_writer():
+        export.export_synthetic(exp_dir, images, labels, dataset.preprocessing, config)
     accuracies = evaluate_state(
         state, spec, config, dataset, jax.random.fold_in(eval_key, iterations)
     )
@@ -178,6 +216,8 @@ def run_experiment(config, exp, key, dataset, real, workdir):
         _append_jsonl(evals_path, {"iteration": iterations, "model": name, **summary})
         logging.info("[exp %d] final (it %d) %s: %.2f +- %.2f", exp, iterations, name,
                      summary["mean"], summary["std"])
+    _record_evaluation(writer, exp_dir, iterations, state, spec, dataset, accuracies)
+    writer.close()
     _write_json(final_path, {
         "iteration": iterations,
         "accuracies": {k: [float(x) for x in v] for k, v in accuracies.items()},
@@ -221,7 +261,13 @@ def train_and_evaluate(config, workdir):
         "results": {name: summarize(values) for name, values in per_model.items()},
         "config": config_lib.to_dict(config),
     }
-    _write_json(os.path.join(workdir, "results.json"), results)
+    path = os.path.join(workdir, "results.json")
+    if os.path.exists(path):  # keep re-evaluations (experiments/evaluate.py) across reruns
+        with open(path) as f:
+            kept = json.load(f).get("reevaluations")
+        if kept:
+            results["reevaluations"] = kept
+    _write_json(path, results)
     for name, summary in results["results"].items():
         logging.info("%s %s ipc%d %s: %.2f +- %.2f (%d runs)", config.dataset.name, config.method,
                      config.ipc, name, summary["mean"], summary["std"], summary["num_runs"])

@@ -67,8 +67,23 @@ def get_base_config():
     config.eval.dsa = True
     config.eval.test_batch_size = 2048
 
+    # CMI regularizer (SPEC 7, A8) and its teachers (SPEC 7.1, trained by experiments/pretrain.py).
+    config.cmi = ml_collections.ConfigDict()
+    config.cmi.weight = 0.0  # lambda; 0 = off. Reference DM lambda 8000 (SPEC 7.3)
+    config.cmi.teacher_dir = ""  # the --workdir of experiments/pretrain.py
+    config.cmi.num_teachers = 1  # teachers trained; one is drawn per iteration (the reference: 1000)
+    config.cmi.teacher_model = "ResNet18"  # instance-norm ResNet18, embed = 512-d (SPEC 7.1)
+    config.cmi.epochs = 40
+    config.cmi.lr = 0.01  # constant, no schedule
+    config.cmi.momentum = 0.9
+    config.cmi.weight_decay = 1e-3  # torch-coupled, on every parameter
+    config.cmi.batch_size = 256
+
     # 'auto': unroll short inner loops on CPU only (XLA:CPU is slow on convs inside loops); bool.
     config.unroll_loops = "auto"
+    # Devices to map the steps over (0 = every device of every process). Results do not depend
+    # on it (SPEC A3); checkpoints resume on any count.
+    config.num_devices = 0
     config.checkpoint_every = 500
     config.log_every = 10
     return config

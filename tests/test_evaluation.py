@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bacon_jax import data, evaluation, models, sgd
+from bacon_jax import data, evaluation, models, parallel, sgd
 
 IMAGE_SHAPE = (8, 8, 1)
 PREP = data.Preprocessing(mean=(0.5,), std=(0.25,))
@@ -90,7 +90,7 @@ def _toy_problem():
 def test_fused_and_stepwise_loops_agree():
     images, labels, test_images, test_labels = _toy_problem()
     model = models.get_model("ConvNetW8", 3, IMAGE_SHAPE)
-    keys = jax.random.split(jax.random.PRNGKey(5), 2)
+    keys = jax.random.split(jax.random.PRNGKey(5), parallel.padded(2, parallel.make_mesh()))
     args = (keys, images, labels, test_images, test_labels, PREP, model)
     spec = _spec(dsa_families=("crop", "flip"))
     fused = evaluation._fused(*args, dataclasses.replace(spec, fuse_epochs=True,
