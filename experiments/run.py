@@ -19,12 +19,19 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and preset, e.g. configs/mnist.py:ipc10.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False,
+    "Call jax.distributed.initialize() first: one process per host of a TPU pod slice or of a "
+    "multi-node GPU job (the coordinator is discovered from the environment).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _MULTIHOST.value:
+        jax.distributed.initialize()
     logging.info("JAX %s, process %d/%d, local devices: %s", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.local_devices())
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -39,7 +39,7 @@ def _spec(method, mesh):
     )
 
 
-def _run(method, devices, steps=3):
+def _run(method, devices, steps=2):
     model = models.get_model("ConvNetW8", NUM_CLASSES, (8, 8, 1))
     spec = _spec(method, parallel.make_mesh(devices))
     real = _real()
