@@ -11,7 +11,9 @@ Three sources feed `load_dataset`:
 * ``npz``: a file with uint8 NHWC arrays ``x_train``, ``x_test`` and integer labels ``y_train``,
   ``y_test``.
 * ``tfds``: a TFDS dataset prepared in the ``array_record`` format, read through
-  ``tfds.data_source`` so that TensorFlow is not needed.
+  ``tfds.data_source`` so that TensorFlow is not needed. Tiny ImageNet, which is not in the TFDS
+  catalogue, is prepared from the official zip by `bacon_jax.tiny_imagenet` (no TensorFlow
+  either).
 
 Real-data sampling (SPEC §1.3) is stateless: `class_index` lists each class's dataset indices once,
 and `sample_class_indices` / `sample_uniform_indices` draw without replacement from a JAX key.
@@ -82,14 +84,15 @@ DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType(
             (0.2673, 0.2564, 0.2762),
             "cifar100",
         ),
-        # No TFDS builder yet: the reference reads the DC/DM `tinyimagenet.pt` release.
+        # The reference reads the DC/DM `tinyimagenet.pt` release; we prepare the official zip
+        # with the builder of `bacon_jax.tiny_imagenet` (the val set is the test split).
         "tiny_imagenet": DatasetSpec(
             "tiny_imagenet",
             (64, 64, 3),
             200,
             (0.485, 0.456, 0.406),
             (0.229, 0.224, 0.225),
-            None,
+            "tiny_imagenet",
         ),
         # Not in the reference. Mean and population std over all pixels of the training split of
         # `_load_digits` (uint8 images divided by 255, float64): 0.305604..., 0.375962...
@@ -327,17 +330,28 @@ def _load_tfds(spec: DatasetSpec, data_dir: str) -> tuple[np.ndarray, ...]:
     is not supported by the mock.
     """
     name = spec.tfds_name
+    if name == "tiny_imagenet":
+        # Registers the builder (not in the TFDS catalogue). Imported here rather than at the top
+        # so that `python -m bacon_jax.tiny_imagenet` does not find its module already imported
+        # by the package (bacon_jax/__init__.py imports this module).
+        from bacon_jax import tiny_imagenet  # pylint: disable=g-import-not-at-top
     try:
         sources = tfds.data_source(
             name, split=["train", "test"], data_dir=data_dir or None, download=False
         )
-    except (NotImplementedError, FileNotFoundError, AssertionError, ValueError) as e:
+    except (NotImplementedError, FileNotFoundError, AssertionError, KeyError, ValueError) as e:
         builder = tfds.builder(name, data_dir=data_dir or None)
         if not builder.is_prepared():
+            if name == "tiny_imagenet":
+                command = tiny_imagenet.prepare_command(builder.data_dir_root)
+            else:
+                command = (
+                    f"tfds build {name} --data_dir={builder.data_dir_root} "
+                    f"--file_format=array_record   (building needs TensorFlow; reading does not)"
+                )
             raise FileNotFoundError(
-                f"TFDS dataset {name!r} is not prepared in {builder.data_dir}. Prepare it with "
-                f"`tfds build {name} --data_dir={builder.data_dir_root} "
-                f"--file_format=array_record` (building needs TensorFlow; reading does not)."
+                f"TFDS dataset {name!r} is not prepared in {builder.data_dir}. "
+                f"Prepare it with: {command}"
             ) from e
         raise ValueError(
             f"TFDS dataset {name!r} at {builder.data_dir} is stored as "

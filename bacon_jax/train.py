@@ -170,10 +170,16 @@ def run_experiment(config, exp, key, dataset, real, workdir):
     # CMI teachers (SPEC 7): loaded and checked against the dataset when cmi.weight > 0.
     teachers = teacher_lib.load_teachers_from_config(config, dataset.spec)
     teacher_model, teacher_variables = teachers if teachers is not None else (None, None)
+    # The canonical state and the real data are replicated over the mesh (parallel.py); pinning
+    # the step's outputs to the same placement keeps it from recompiling after the first call.
+    replicated = jax.sharding.NamedSharding(spec.mesh, parallel.replicated)
+    state, real = jax.device_put((state, real), replicated)
+    teacher_variables = jax.device_put(teacher_variables, replicated)
     step_fn = jax.jit(
         functools.partial(distill.distill_step, model=model, spec=spec,
                           teacher_model=teacher_model),
         donate_argnums=0,
+        out_shardings=replicated,
     )
     progress = _Progress(start, iterations)
     metrics_path = os.path.join(exp_dir, "metrics.jsonl")

@@ -124,8 +124,8 @@ def test_unknown_name_and_source():
     assert all(s in str(err.value) for s in data.SOURCES)
     with pytest.raises(ValueError, match="mnist"):
         data.load_dataset(_config(name="mnist", source="digits"))
-    with pytest.raises(ValueError, match="tiny_imagenet"):
-        data.load_dataset(_config(name="tiny_imagenet", source="tfds"))
+    with pytest.raises(ValueError, match="'digits' has no TFDS source"):
+        data.load_dataset(_config(name="digits", source="tfds"))
 
 
 def test_dataset_table():
