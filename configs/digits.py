@@ -1,10 +1,13 @@
 """scikit-learn's bundled 8x8 digits: the offline default dataset (no download, CPU-sized).
 
-Main job (BACON at IPC 10, a few minutes on a laptop CPU):
+Main job (DM at IPC 10, a few minutes on a laptop CPU):
     python experiments/run.py --config=configs/digits.py:ipc10 --workdir=/tmp/digits
-Baselines at the same budget:
-    python experiments/run.py --config=configs/digits.py:ipc10,method=dm --workdir=/tmp/digits_dm
+Other methods at the same budget:
     python experiments/run.py --config=configs/digits.py:ipc10,method=random --workdir=/tmp/digits_rnd
+    python experiments/run.py --config=configs/digits.py:ipc10,method=bacon --workdir=/tmp/digits_bacon
+
+The default method here is DM, not BACON: with the reference hyper-parameters BACON currently scores
+below its own initialisation and below random real images on 8x8 digits (RESULTS.md, open problem).
 
 There is no published number for this dataset; README.md and RESULTS.md list what we measured. The
 hyper-parameters are MNIST's (SPEC A6, the SVHN/CIFAR-10 command) with a CPU-sized budget, a choice
@@ -32,6 +35,7 @@ def get_config(arg=None):
     config = config_lib.load_base_config(__file__)
     config.dataset.name = "digits"
     config.dataset.source = "digits"
+    config.method = "dm"
     config.model = "ConvNetW32"
     config.eval.models = ("ConvNetW32",)
     config.trained_bs = 64

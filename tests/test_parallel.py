@@ -115,10 +115,10 @@ def _digits_config(arg):
 
 def test_save_on_8_devices_resume_on_1(tmp_path):
     straight = str(tmp_path / "straight")
-    train.train_and_evaluate(_digits_config("ipc1,iterations=4,num_devices=8"), straight)
+    train.train_and_evaluate(_digits_config("ipc1,method=bacon,iterations=4,num_devices=8"), straight)
     resumed = str(tmp_path / "resumed")
-    train.train_and_evaluate(_digits_config("ipc1,iterations=2,num_devices=8"), resumed)
-    train.train_and_evaluate(_digits_config("ipc1,iterations=4,num_devices=1"), resumed)
+    train.train_and_evaluate(_digits_config("ipc1,method=bacon,iterations=2,num_devices=8"), resumed)
+    train.train_and_evaluate(_digits_config("ipc1,method=bacon,iterations=4,num_devices=1"), resumed)
     load = lambda d: np.asarray(checkpointing.load_pytree(os.path.join(d, "exp0", "synthetic"))
                                 ["images"])
     np.testing.assert_allclose(load(straight), load(resumed), rtol=1e-4, atol=1e-5)

@@ -51,11 +51,11 @@ def test_run_writes_results_metrics_and_checkpoint(tmp_path, method):
 
 def test_resume_equals_uninterrupted(tmp_path):
     straight = str(tmp_path / "straight")
-    train.train_and_evaluate(_config("ipc1,iterations=4"), straight)
+    train.train_and_evaluate(_config("ipc1,method=bacon,iterations=4"), straight)
     interrupted = str(tmp_path / "interrupted")
     # The first run stops after the checkpoint at iteration 2; the rerun resumes from it.
-    train.train_and_evaluate(_config("ipc1,iterations=2"), interrupted)
-    train.train_and_evaluate(_config("ipc1,iterations=4"), interrupted)
+    train.train_and_evaluate(_config("ipc1,method=bacon,iterations=2"), interrupted)
+    train.train_and_evaluate(_config("ipc1,method=bacon,iterations=4"), interrupted)
     first, second = _synthetic(straight), _synthetic(interrupted)
     np.testing.assert_allclose(first[0], second[0], rtol=0, atol=1e-6)
     lines = (tmp_path / "interrupted" / "exp0" / "metrics.jsonl").read_text().splitlines()
