@@ -118,8 +118,13 @@ def spec_from_config(config, dataset_spec, max_class_size, mesh=None):
 def unroll_loops(config):
     """config.unroll_loops: 'auto' (unroll on CPU only), True or False."""
     choice = config.get("unroll_loops", "auto")
-    if choice == "auto":
-        return jax.default_backend() == "cpu"
+    if isinstance(choice, str):
+        choice = choice.strip().lower()
+        allowed = {"auto": jax.default_backend() == "cpu", "true": True, "1": True,
+                   "false": False, "0": False}
+        if choice not in allowed:
+            raise ValueError(f"Unknown unroll_loops {choice!r}; allowed: auto, true, false.")
+        return allowed[choice]
     return bool(choice)
 
 
@@ -508,7 +513,10 @@ def _all_class_gradients(images, key, params, ce_multiplier, real, model, spec, 
     class_ids = jnp.arange(num_padded, dtype=jnp.int32)
     keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(class_ids)
     local_classes = num_padded // mesh.size
-    chunk = min(spec.classes_per_chunk or local_classes, local_classes)
+    # The largest chunk <= classes_per_chunk that divides this device's classes (results do not
+    # depend on the chunk size; only peak memory does).
+    requested = min(spec.classes_per_chunk or local_classes, local_classes)
+    chunk = max(d for d in range(1, requested + 1) if local_classes % d == 0)
 
     teacher_model, teacher_variables = teacher if teacher is not None else (None, None)
 
