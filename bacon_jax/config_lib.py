@@ -177,3 +177,18 @@ def load_base_config(config_file):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_base_config()
+
+
+def load_config_file(path, arg=None):
+    """Loads a config file by path and calls its `get_config(arg)`, as `--config=path:arg` does.
+
+    For scripts and tests that build configs without absl flags.
+    """
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "bacon_jax_config_" + os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)

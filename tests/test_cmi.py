@@ -1,6 +1,5 @@
 """Tests of the CMI regularizer: `losses.cmi_loss` and the teachers of `bacon_jax.teacher`."""
 
-import importlib.util
 import os
 
 import flax.linen as nn
@@ -9,17 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bacon_jax import losses, models, teacher
+from bacon_jax import config_lib, losses, models, teacher
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 
 
 def _digits_config(arg):
-    spec = importlib.util.spec_from_file_location("digits_config", os.path.join(CONFIGS,
-                                                                               "digits.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.load_config_file(os.path.join(CONFIGS, "digits.py"), arg)
 
 
 def _numpy_cmi(embeddings, num_classes, ipc):

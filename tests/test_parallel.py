@@ -2,7 +2,6 @@
 
 import dataclasses
 import functools
-import importlib.util
 import os
 
 import jax
@@ -10,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bacon_jax import checkpointing, data, distill, evaluation, models, parallel, train
+from bacon_jax import checkpointing, config_lib, data, distill, evaluation, models, parallel, train
 
 NUM_CLASSES = 3  # not a multiple of 8 (or 4): exercises the dummy-class padding
 
@@ -104,13 +103,10 @@ def test_evaluation_matches_across_device_counts():
 
 def _digits_config(arg):
     path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "digits.py")
-    spec = importlib.util.spec_from_file_location("digits_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     tiny = ("model=ConvNetW8,eval.models=ConvNetW8,eval.epochs=1,eval.num_eval=1,num_exp=1,"
             "checkpoint_every=2,batch_real=8,net_num=4,trained_bs=16,model_train_steps=1,"
             "eval.every=2,eval.intermediate=False,net_generate_interval=2")
-    return module.get_config(f"{arg},{tiny}")
+    return config_lib.load_config_file(path, f"{arg},{tiny}")
 
 
 def test_save_on_8_devices_resume_on_1(tmp_path):

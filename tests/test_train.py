@@ -1,26 +1,21 @@
 """End-to-end tests of the experiment driver: outputs, resume, refusal of foreign checkpoints, NaN."""
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 
-from bacon_jax import checkpointing, train
+from bacon_jax import checkpointing, config_lib, train
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 
 
 def _config(arg):
-    spec = importlib.util.spec_from_file_location("digits_config", os.path.join(CONFIGS,
-                                                                               "digits.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     tiny = ("model=ConvNetW8,eval.models=ConvNetW8,eval.epochs=2,eval.num_eval=2,iterations=4,"
             "checkpoint_every=2,num_exp=1,log_every=1,batch_real=16,net_num=5,trained_bs=16,"
             "model_train_steps=2,eval.every=2,eval.intermediate=False,net_generate_interval=2")
-    return module.get_config(f"{arg},{tiny}")
+    return config_lib.load_config_file(os.path.join(CONFIGS, "digits.py"), f"{arg},{tiny}")
 
 
 def _synthetic(workdir, exp=0):
