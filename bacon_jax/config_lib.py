@@ -108,25 +108,46 @@ def _set_fields(config, fields):
         node[leaf] = value
 
 
-def build(base, presets, arg, method_presets=None):
+# CMI weights (lambda) when a config file gives none for a setting (SPEC 7.3, A8): DM takes the
+# reference's active value; IDM/BACON add the term per class, as IDC does, and take IDC's active
+# per-class value.
+DEFAULT_CMI_WEIGHTS = {"dm": 8000.0, "idm": 100.0, "bacon": 100.0, "random": 0.0}
+
+
+def cmi_weight(cmi_weights, preset, method):
+    """lambda for (preset, method): the config file's table, else DEFAULT_CMI_WEIGHTS[method]."""
+    return float((cmi_weights or {}).get((preset, method), DEFAULT_CMI_WEIGHTS[method]))
+
+
+def build(base, presets, arg, method_presets=None, cmi_weights=None):
     """Applies a preset, the method's defaults, then the overrides of `arg` to `base`.
+
+    The pseudo-override `cmi=on` switches the CMI regularizer on with this setting's weight
+    (`cmi_weights`, else DEFAULT_CMI_WEIGHTS); `cmi=off` (the default) leaves it off. An explicit
+    `cmi.weight=...` in the same argument wins.
 
     Args:
         base: the dataset's base ConfigDict.
         presets: mapping preset name -> dict of dotted field values (already typed).
-        arg: the `--config` argument after ':' (e.g. 'ipc10,method=idm').
+        arg: the `--config` argument after ':' (e.g. 'ipc10,method=idm' or 'ipc10,cmi=on').
         method_presets: optional mapping (preset, method) -> dict of field values, for settings
             where a method's reference command differs (e.g. IDM's model_train_steps).
+        cmi_weights: optional mapping (preset, method) -> the CMI weight lambda of that setting.
 
     Returns:
         The configured ConfigDict.
     """
     preset, overrides = parse_arg(arg)
+    cmi_switch = choose("cmi switch", overrides.pop("cmi", "off").lower(), ("on", "off"))
     if preset:
         _set_fields(base, presets[choose("preset", preset, tuple(presets))])
     method = choose("method", overrides.get("method", base.method), METHODS)
     _set_fields(base, METHOD_DEFAULTS[method])
     _set_fields(base, (method_presets or {}).get((preset, method), {}))
+    if cmi_switch == "on":
+        if method == "random":
+            raise ValueError("cmi=on needs a distillation method (dm, idm, bacon), not random.")
+        base.cmi.weight = cmi_weight(cmi_weights, preset, method)
     apply_overrides(base, overrides)
     return base
 

@@ -95,10 +95,12 @@ class _Progress:
         now = time.time()
         if self.t0 is None:
             self.t0, self.it0 = now, it
-        rate = (it - self.it0) / max(now - self.t0, 1e-9) if it > self.it0 else 0.0
-        eta = (self.total - it) / rate if rate > 0 else float("nan")
         scalars = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        return f"it {it}/{self.total} {scalars} | {rate:.2f} it/s, ETA {eta / 60:.1f} min"
+        if it <= self.it0:
+            return f"it {it}/{self.total} {scalars} | rate and ETA from the next line on"
+        rate = (it - self.it0) / max(now - self.t0, 1e-9)
+        eta = (self.total - it) / rate
+        return f"it {it}/{self.total} {scalars} | {rate:.3g} it/s, ETA {eta / 60:.1f} min"
 
 
 def _flush(pending, metrics_path, progress, exp, writer):

@@ -25,6 +25,17 @@ PRESETS = {
 # (preset, method) -> values where that method's reference command differs.
 METHOD_PRESETS = {
 }
+# (preset, method) -> CMI weight lambda used by `cmi=on`.
+# No reference value exists for MNIST: CIFAR-10's (SPEC 7.3), as A6 takes its command.
+# Settings not listed take config_lib.DEFAULT_CMI_WEIGHTS (IPC 1: the DM term is 0 there).
+CMI_WEIGHTS = {
+    ("ipc10", "dm"): 8000.0,
+    ("ipc10", "idm"): 100.0,
+    ("ipc10", "bacon"): 100.0,
+    ("ipc50", "dm"): 2000.0,
+    ("ipc50", "idm"): 50.0,
+    ("ipc50", "bacon"): 50.0,
+}
 
 
 def get_config(arg=None):
@@ -33,4 +44,4 @@ def get_config(arg=None):
     config.dataset.name = "mnist"
     config.dataset.source = "npz"
     config.dataset.path = "../shared/data/mnist.npz"  # relative to the repository root
-    return config_lib.build(config, PRESETS, arg, METHOD_PRESETS)
+    return config_lib.build(config, PRESETS, arg, METHOD_PRESETS, CMI_WEIGHTS)

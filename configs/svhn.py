@@ -23,6 +23,17 @@ PRESETS = {
 # (preset, method) -> values where that method's reference command differs.
 METHOD_PRESETS = {
 }
+# (preset, method) -> CMI weight lambda used by `cmi=on`.
+# SPEC 7.3: the reference comments' SVHN values (DM; IDC's per-class values for IDM/BACON).
+# Settings not listed take config_lib.DEFAULT_CMI_WEIGHTS (IPC 1: the DM term is 0 there).
+CMI_WEIGHTS = {
+    ("ipc10", "dm"): 18000.0,
+    ("ipc10", "idm"): 50.0,
+    ("ipc10", "bacon"): 50.0,
+    ("ipc50", "dm"): 500.0,
+    ("ipc50", "idm"): 50.0,
+    ("ipc50", "bacon"): 50.0,
+}
 
 
 def get_config(arg=None):
@@ -30,4 +41,4 @@ def get_config(arg=None):
     config = config_lib.load_base_config(__file__)
     config.dataset.name = "svhn"
     config.dataset.source = "tfds"
-    return config_lib.build(config, PRESETS, arg, METHOD_PRESETS)
+    return config_lib.build(config, PRESETS, arg, METHOD_PRESETS, CMI_WEIGHTS)

@@ -4,7 +4,8 @@
     python experiments/pretrain.py --config=configs/cifar10.py:ipc10 --workdir=/tmp/teachers/cifar10 \
         --config.cmi.num_teachers=5
 
-Then distill with `--config=configs/<dataset>.py:ipc10,cmi.weight=<lambda>,cmi.teacher_dir=<workdir>`.
+Then distill with `--config=configs/<dataset>.py:ipc10,cmi=on,cmi.teacher_dir=<workdir>` (the
+setting's lambda; or `cmi.weight=<lambda>`).
 Only `dataset`, `seed` and the `cmi` fields of the config matter here. Rerunning the same command
 skips the teachers already written.
 """

@@ -371,3 +371,33 @@ def test_unknown_field():
 def test_validate_rejects_bad_numbers(arg, needle):
     config = get_config("cifar10", arg)
     assert needle in _error(lambda: config_lib.validate(config))
+
+
+# SPEC 7.3: the reference's per-setting lambdas (DM: main_DM comments; IDM/BACON: IDC's per-class
+# values, A8). MNIST/Fashion-MNIST take CIFAR-10's, Tiny ImageNet CIFAR-100's.
+@pytest.mark.parametrize("name, preset, method, weight", [
+    ("svhn", "ipc10", "dm", 18000.0), ("svhn", "ipc50", "dm", 500.0),
+    ("cifar10", "ipc10", "dm", 8000.0), ("cifar10", "ipc50", "dm", 2000.0),
+    ("cifar100", "ipc10", "dm", 2000.0), ("cifar100", "ipc50", "dm", 500.0),
+    ("svhn", "ipc10", "bacon", 50.0), ("cifar10", "ipc10", "idm", 100.0),
+    ("cifar10", "ipc50", "bacon", 50.0), ("cifar100", "ipc50", "idm", 50.0),
+    ("mnist", "ipc10", "dm", 8000.0), ("fashion_mnist", "ipc50", "bacon", 50.0),
+    ("tiny_imagenet", "ipc10", "bacon", 100.0),
+    # No table entry: the defaults.
+    ("cifar10", "ipc1", "dm", 8000.0), ("cifar10", "ipc1", "bacon", 100.0),
+    ("digits", "ipc10", "bacon", 100.0),
+])
+def test_cmi_on_sets_the_settings_weight(name, preset, method, weight):
+    assert get_config(name, f"{preset},method={method}").cmi.weight == 0.0  # off by default
+    config = get_config(name, f"{preset},method={method},cmi=on")
+    assert config.cmi.weight == weight
+    config_lib.validate(config)
+
+
+def test_cmi_switch_errors_and_explicit_weight_wins():
+    assert get_config("cifar10", "ipc10,cmi=on,cmi.weight=7").cmi.weight == 7.0
+    assert get_config("cifar10", "ipc10,cmi=off").cmi.weight == 0.0
+    message = _error(lambda: get_config("cifar10", "ipc10,cmi=maybe"))
+    assert "maybe" in message and "on" in message and "off" in message
+    message = _error(lambda: get_config("cifar10", "ipc10,method=random,cmi=on"))
+    assert "random" in message

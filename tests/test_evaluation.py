@@ -109,6 +109,12 @@ def test_networks_are_independent_and_deterministic():
     # Network j depends only on fold_in(key, j): the first two of three equal a run of two.
     np.testing.assert_array_equal(first[:2], run(jax.random.PRNGKey(1), 2))
     assert first.shape == (3,) and np.all((first >= 0) & (first <= 1))
+    # Side by side (vmap) or one network per call: the same accuracies.
+    for per_call in (1, 2):
+        one_by_one = evaluation.evaluate_synthetic(
+            jax.random.PRNGKey(1), images, labels, test_images, test_labels, PREP, 3,
+            dataclasses.replace(spec, networks_per_call=per_call))
+        np.testing.assert_array_equal(one_by_one, first)
 
 
 def test_training_learns_a_separable_problem():
