@@ -337,6 +337,6 @@ def evaluate_synthetic(key, images, labels, test_images, test_labels, preprocess
     for start in range(0, num_padded, group):
         group_keys = jax.device_put(
             keys[start:start + group], jax.sharding.NamedSharding(spec.mesh, parallel.split))
-        correct.append(np.asarray(run(group_keys, images, labels, test_images, test_labels,
-                                      preprocessing, model, spec)))
+        correct.append(parallel.gather(run(group_keys, images, labels, test_images, test_labels,
+                                           preprocessing, model, spec)))
     return np.concatenate(correct)[:num_eval] / test_images.shape[0]

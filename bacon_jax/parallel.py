@@ -50,9 +50,20 @@ def fitted(mesh, count):
     """
     per_device = -(-count // mesh.size)
     needed = -(-count // per_device)
-    if needed == mesh.size:
+    # Across processes the inputs live on the whole mesh; a sub-mesh would need cross-host
+    # resharding, which multi-controller JAX only supports between equal device sets.
+    if needed == mesh.size or jax.process_count() > 1:
         return mesh
     return Mesh(np.asarray(mesh.devices.reshape(-1)[:needed]), (AXIS,))
+
+
+def gather(x):
+    """A (possibly multi-process) global array as a host numpy array, on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def shard(fn, mesh, in_specs, out_specs):
