@@ -560,6 +560,27 @@ def init_model(model: nn.Module, key: Array, image_shape: Sequence[int]) -> dict
     return dict(model.init(key, dummy, train=False))
 
 
+def check_input_dependent(name: str, num_classes: int, image_shape: Sequence[int]) -> None:
+    """Raises ValueError when network `name` ignores its input at this image size.
+
+    The instance-norm ResNet18 on 8x8 images (digits) reaches a 1x1 map in its last stage, where
+    instance norm outputs exactly its bias: the logits are the same for every input and the network
+    scores chance whatever it trains on. Checked at initialisation on a few random inputs, before
+    any training is spent on such a network.
+    """
+    model = get_model(name, num_classes, image_shape)
+    variables = init_model(model, jax.random.PRNGKey(0), image_shape)
+    inputs = jax.random.normal(jax.random.PRNGKey(1), (4, *image_shape))
+    logits = model.apply(variables, inputs, train=False)
+    if float(jnp.max(jnp.std(logits, axis=0))) == 0.0:
+        raise ValueError(
+            f"Architecture {name!r} gives the same output for every input of shape "
+            f"{tuple(image_shape)} (e.g. instance norm on a 1x1 final map), so it cannot learn at "
+            "this image size. Choose another architecture, e.g. its BatchNorm variant "
+            "(ResNet18BN) or a ConvNet."
+        )
+
+
 def apply_features_and_logits(
     model: nn.Module, variables: Mapping[str, Any], x: Array, *, train: bool = False
 ) -> tuple[Array, Array, dict[str, Any]]:

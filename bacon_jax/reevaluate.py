@@ -125,6 +125,7 @@ def _check_builds(names, dataset_spec):
         model = models.get_model(name, dataset_spec.num_classes, shape)
         jax.eval_shape(lambda key, m=model: models.init_model(m, key, shape),
                        jax.random.PRNGKey(0))
+        models.check_input_dependent(name, dataset_spec.num_classes, shape)
 
 
 def _append_results(workdir, config, entries):

@@ -247,6 +247,8 @@ def train_and_evaluate(config, workdir):
     os.makedirs(workdir, exist_ok=True)
     _write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
     dataset = data.load_dataset(config.dataset)
+    for name in config.eval.models:  # before any distillation is spent on a run it cannot report
+        models.check_input_dependent(name, dataset.spec.num_classes, dataset.spec.image_shape)
     real = distill.real_data_from_dataset(dataset)
     logging.info("Dataset %s: %d train / %d test images of shape %s, %d classes", dataset.spec.name,
                  len(dataset.y_train), len(dataset.y_test), dataset.spec.image_shape,

@@ -383,3 +383,13 @@ def test_eval_pools():
     with pytest.raises(ValueError) as err:
         models.eval_pool("Q")
     assert "Q" in str(err.value) and "M" in str(err.value)
+
+
+def test_networks_that_ignore_their_input_are_refused():
+    # Instance-norm ResNet18 on 8x8 reaches a 1x1 map, where instance norm outputs its bias: the
+    # logits do not depend on the input (it scored exactly chance, 10.00 +- 0.00, on digits).
+    with pytest.raises(ValueError, match=r"'ResNet18'.*\(8, 8, 1\)"):
+        models.check_input_dependent("ResNet18", 10, (8, 8, 1))
+    models.check_input_dependent("ResNet18BN", 10, (8, 8, 1))
+    models.check_input_dependent("ResNet18", 10, (32, 32, 3))
+    models.check_input_dependent("ConvNetW8", 10, (8, 8, 1))
