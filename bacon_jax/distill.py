@@ -59,11 +59,14 @@ class DistillSpec:
     net_momentum: float
     net_weight_decay: float
     meter_reset_every: int
-    # CPU loop structure: unroll the short inner loops (pool-training steps, class chunks) and
-    # train the pool nets one after another instead of vmapped. XLA:CPU runs convolutions inside
-    # while-loop bodies ~20x slower than outside (jax-ml/jax#12868) and vmapped per-net weights
-    # as slow grouped convolutions; accelerators need neither. The maths is the same either way.
+    # Unroll the short inner loops (pool-training steps, class chunks). XLA:CPU runs convolutions
+    # inside while-loop bodies ~20x slower than outside (jax-ml/jax#12868); accelerators do not
+    # need it. The maths is the same either way.
     unroll_loops: bool = False
+    # Train the fetched pool nets one after another (unrolled) instead of vmapped. XLA:CPU runs
+    # convolutions vmapped over per-net weights as grouped convolutions, ~2x slower per net at
+    # real batch sizes; for tiny batches the vmapped form compiles faster. Same maths either way.
+    pool_nets_one_by_one: bool = False
     # Devices the step is mapped over (parallel.py); None = all devices.
     mesh: Optional[Any] = None
     # CMI regularizer weight (SPEC 7, A8); 0 = off. Needs a teacher passed to distill_step.
@@ -111,6 +114,7 @@ def spec_from_config(config, dataset_spec, max_class_size, mesh=None):
         net_weight_decay=float(config.net_weight_decay),
         meter_reset_every=int(config.eval.every),
         unroll_loops=unroll_loops(config),
+        pool_nets_one_by_one=unroll_loops(config) and int(config.trained_bs) >= 64,
         mesh=mesh,
         cmi_weight=float(config.cmi.weight) if "cmi" in config else 0.0,
     )
@@ -434,7 +438,7 @@ def train_pool(pool, key, real, model, spec):
     keys = jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(key, 1), j))(slots)
     mesh = parallel.resolve(spec.mesh)
     train_one = functools.partial(_train_one_net, model=model, spec=spec)
-    if spec.unroll_loops:
+    if spec.pool_nets_one_by_one:
         train_all = functools.partial(_one_after_another, train_one, spec.fetch_net_num)
     else:
         train_all = jax.vmap(train_one, in_axes=(0, 0, 0, None))

@@ -617,11 +617,12 @@ def test_result_does_not_depend_on_classes_per_chunk(method):
 
 
 def test_result_does_not_depend_on_the_cpu_loop_structure():
-    # unroll_loops=True unrolls the inner loops and trains the pool nets one after another;
-    # False uses scans and vmaps the nets (the accelerator form). Same maths, same result.
+    # Unrolled inner loops with the pool nets trained one after another (the CPU form at real
+    # batch sizes) vs scans with vmapped nets (the accelerator form). Same maths, same result.
     start = init_state(make_spec("bacon"))
     results = []
-    for unroll in (True, False):
-        state, metrics = run_steps(make_spec("bacon", unroll_loops=unroll), start, 2)
+    for cpu_form in (True, False):
+        spec = make_spec("bacon", unroll_loops=cpu_form, pool_nets_one_by_one=cpu_form)
+        state, metrics = run_steps(spec, start, 2)
         results.append((state.images, state.pool.params, state.pool.correct, metrics))
     chex.assert_trees_all_close(results[0], results[1], rtol=1e-4, atol=1e-5)
