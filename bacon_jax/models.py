@@ -560,6 +560,14 @@ def init_model(model: nn.Module, key: Array, image_shape: Sequence[int]) -> dict
     return dict(model.init(key, dummy, train=False))
 
 
+def ignores_input(model: nn.Module, variables: Mapping[str, Any], inputs: Array,
+                  method: Any = None) -> bool:
+    """Whether `model.apply(variables, inputs)` (or `method`) gives one output for every row."""
+    kwargs = {} if method is None else {"method": method}
+    outputs = model.apply(variables, inputs, train=False, **kwargs)
+    return float(jnp.max(jnp.std(outputs, axis=0))) == 0.0
+
+
 def check_input_dependent(name: str, num_classes: int, image_shape: Sequence[int]) -> None:
     """Raises ValueError when network `name` ignores its input at this image size.
 
@@ -571,8 +579,7 @@ def check_input_dependent(name: str, num_classes: int, image_shape: Sequence[int
     model = get_model(name, num_classes, image_shape)
     variables = init_model(model, jax.random.PRNGKey(0), image_shape)
     inputs = jax.random.normal(jax.random.PRNGKey(1), (4, *image_shape))
-    logits = model.apply(variables, inputs, train=False)
-    if float(jnp.max(jnp.std(logits, axis=0))) == 0.0:
+    if ignores_input(model, variables, inputs):
         raise ValueError(
             f"Architecture {name!r} gives the same output for every input of shape "
             f"{tuple(image_shape)} (e.g. instance norm on a 1x1 final map), so it cannot learn at "

@@ -117,8 +117,7 @@ def _check_embedding_varies(model, variables, images, model_name, spec):
     instance norm outputs exactly its bias: the embedding is identically 0, so CMI would be 0 with
     zero gradient. Checked at initialisation, before any epoch is spent.
     """
-    features = model.apply(variables, images, train=False, method="embed")
-    if float(jnp.max(jnp.std(features, axis=0))) == 0.0:
+    if models.ignores_input(model, variables, images, method="embed"):
         raise ValueError(
             f"Teacher {model_name!r} gives the same embedding for every {spec.name!r} image of "
             f"shape {spec.image_shape} (e.g. instance norm on a 1x1 final map), so the CMI term "
