@@ -328,11 +328,12 @@ def init_state(key, real, model, spec):
         spec: DistillSpec.
 
     Returns:
-        DistillState with step 0.
+        DistillState with step 0, replicated over `spec.mesh` as `distill_step`'s outputs are (so
+        the jitted step does not compile a second time for its own outputs).
     """
     images, labels = init_synthetic_images(jax.random.fold_in(key, 0), real, spec)
     pool = init_pool(jax.random.fold_in(key, 1), model, spec) if spec.uses_pool else None
-    return DistillState(
+    state = DistillState(
         step=jnp.zeros((), jnp.int32),
         images=images,
         labels=labels,
@@ -340,6 +341,7 @@ def init_state(key, real, model, spec):
         key=jax.random.fold_in(key, 2),
         pool=pool,
     )
+    return parallel.replicate(state, spec.mesh)
 
 
 # --------------------------------------------------------------------------------------------

@@ -285,7 +285,9 @@ def _test_many(states, test_images, test_labels, preprocessing, model, spec):
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _reset_all_momenta(states, spec):
-    return jax.vmap(_reset_momentum)(states)
+    # Per device like the epochs: the fresh momenta stay split over the networks (XLA would
+    # replicate the zeros), so `_epoch_many` sees one placement and compiles once.
+    return _over_nets(jax.vmap(_reset_momentum), spec, 0)(states)
 
 
 def _stepwise(keys, images, labels, test_images, test_labels, preprocessing, model, spec):

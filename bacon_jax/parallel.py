@@ -36,6 +36,17 @@ def resolve(mesh: Optional[Mesh]):
     return make_mesh() if mesh is None else mesh
 
 
+def replicate(tree, mesh):
+    """`tree` placed whole on every device of `mesh` (None: all devices), inside or outside jit.
+
+    This is the placement `distill_step`'s outputs have (it ends in a shard_map with replicated
+    outputs), so a state built this way and the state a step returns have the same type and a
+    jitted step compiles once, not again at its second call.
+    """
+    return jax.lax.with_sharding_constraint(
+        tree, jax.sharding.NamedSharding(resolve(mesh), replicated))
+
+
 def padded(count, mesh):
     """`count` rounded up to a multiple of the mesh size."""
     size = mesh.size

@@ -99,6 +99,25 @@ def test_fused_and_stepwise_loops_agree():
     np.testing.assert_array_equal(np.asarray(fused), np.asarray(stepwise))
 
 
+def test_epoch_inputs_keep_one_placement():
+    # The states the epoch loop starts from (after the momentum reset) and the ones an epoch
+    # returns have the same types and placement, so the jitted epoch compiles once per evaluation.
+    images, labels, _, _ = _toy_problem()
+    model = models.get_model("ConvNetW8", 3, IMAGE_SHAPE)
+    spec = _spec(mesh=parallel.make_mesh(jax.devices()[:2]))
+    on_mesh = lambda tree, partition: jax.device_put(
+        tree, jax.sharding.NamedSharding(spec.mesh, partition))
+    images, labels = on_mesh((images, labels), parallel.replicated)
+    keys = on_mesh(jax.random.split(jax.random.PRNGKey(0), 2), parallel.split)
+    states = evaluation._reset_all_momenta(evaluation._init_many(keys, model, spec), spec)
+    placed = [(jax.typeof(leaf), leaf.sharding) for leaf in jax.tree.leaves(states)]
+    after = evaluation._epoch_many(states, keys, 0, jnp.float32(0.01), images, labels, model,
+                                   spec)
+    for (kind, sharding), leaf in zip(placed, jax.tree.leaves(after)):
+        assert kind == jax.typeof(leaf), (kind, jax.typeof(leaf))
+        assert sharding.is_equivalent_to(leaf.sharding, leaf.ndim), (sharding, leaf.sharding)
+
+
 def test_networks_are_independent_and_deterministic():
     images, labels, test_images, test_labels = _toy_problem()
     spec = _spec(epochs=2)
