@@ -43,10 +43,14 @@ def _convert(text, current, key):
         if lowered not in ("true", "false", "1", "0"):
             raise ValueError(f"Override {key}={text!r}: expected a boolean (true/false).")
         return lowered in ("true", "1")
-    if isinstance(current, int):
-        return int(text)
-    if isinstance(current, float):
-        return float(text)
+    if isinstance(current, (int, float)):
+        kind = type(current)
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(
+                f"Override {key}={text!r}: expected {'an integer' if kind is int else 'a number'}."
+            ) from None
     if isinstance(current, (list, tuple)):
         items = [item for item in text.strip("[]()").replace(";", " ").split() if item]
         return type(current)(item.strip("'\"") for item in items)
@@ -64,16 +68,25 @@ def apply_overrides(config, overrides):
         The same config, for chaining.
     """
     for key, text in overrides.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for parent in parents:
-            if parent not in node:
-                raise ValueError(f"Unknown config field {key!r}.")
-            node = node[parent]
-        if leaf not in node:
-            raise ValueError(f"Unknown config field {key!r}; fields here: {sorted(node.keys())}.")
+        node, leaf = _field_parent(config, key)
         node[leaf] = _convert(text, node[leaf], key)
     return config
+
+
+def _field_parent(config, key):
+    """(the ConfigDict holding dotted `key`, its last name); a ValueError lists the fields there."""
+    *parents, leaf = key.split(".")
+    node = config
+    for depth, name in enumerate(parents + [leaf]):
+        where = ".".join(parents[:depth])
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise ValueError(f"Unknown config field {key!r}: {where!r} is a value, not a group.")
+        if name not in node:
+            raise ValueError(f"Unknown config field {key!r}; fields at {where or 'the top level'}: "
+                             f"{sorted(node.keys())}.")
+        if depth < len(parents):
+            node = node[name]
+    return node, leaf
 
 
 def choose(name, value, allowed):
@@ -140,6 +153,9 @@ def build(base, presets, arg, method_presets=None, cmi_weights=None):
     preset, overrides = parse_arg(arg)
     cmi_switch = choose("cmi switch", overrides.pop("cmi", "off").lower(), ("on", "off"))
     if preset:
+        if not presets:
+            raise ValueError(f"Preset {preset!r} given, but this config file has no presets; use a "
+                             "dataset's file, e.g. configs/mnist.py:ipc10.")
         _set_fields(base, presets[choose("preset", preset, tuple(presets))])
     method = choose("method", overrides.get("method", base.method), METHODS)
     _set_fields(base, METHOD_DEFAULTS[method])
@@ -213,3 +229,45 @@ def load_config_file(path, arg=None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
+
+
+def check_config_flags(argv, flag="config"):
+    """Raises a ValueError for a `--config.<field>` flag that names no field of the config.
+
+    ml_collections reports such a flag with a bare AttributeError traceback; this check loads the
+    `--config=path:arg` file of `argv` and names the unknown field and the fields next to it.
+    Anything it cannot judge (no or unloadable --config) is left to the flag parser.
+    """
+    prefix, config = f"--{flag}.", None
+    for index, item in enumerate(argv):
+        if item.startswith(f"--{flag}="):
+            config = item.split("=", 1)[1]
+        elif item == f"--{flag}" and index + 1 < len(argv):
+            config = argv[index + 1]
+    if config is None:
+        return
+    path, _, arg = config.partition(":")
+    try:
+        config = load_config_file(path, arg or None)
+    except Exception:  # the flag parser reports the file's own error
+        return
+    for item in argv:
+        if item.startswith(prefix):
+            _field_parent(config, item[len(prefix):].split("=", 1)[0])
+
+
+def parse_flags(argv):
+    """absl `flags_parser` for scripts with a `--config` file flag: `app.run(main, parse_flags)`.
+
+    Names an unknown `--config.<field>` and the allowed fields, then parses as absl does.
+    """
+    import sys
+
+    from absl import app
+
+    try:
+        check_config_flags(argv)
+    except ValueError as error:
+        sys.stderr.write(f"FATAL Flags parsing error: {error}\n")
+        sys.exit(1)
+    return app.parse_flags_with_usage(argv)

@@ -1,7 +1,7 @@
 """Re-evaluate a run's saved synthetic sets on other architectures (SPEC 8, 2.3).
 
     python experiments/evaluate.py --config=configs/digits.py:ipc10 --workdir=/tmp/digits \
-        --config.eval.models="('ConvNetW32','ConvNet','AlexNet','VGG11','ResNet18')"
+        --config.eval.models="('ConvNetW32','ConvNet','AlexNet','ResNet18BN')"
     python experiments/evaluate.py --config=configs/cifar10.py:ipc10 --workdir=/tmp/c10 \
         --eval_mode=M
 
@@ -20,7 +20,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from bacon_jax import models, reevaluate
+from bacon_jax import config_lib, models, reevaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and preset of the run, e.g. configs/mnist.py:ipc10.",
@@ -44,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags)

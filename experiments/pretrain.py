@@ -16,7 +16,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from bacon_jax import teacher
+from bacon_jax import config_lib, teacher
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and preset, e.g. configs/mnist.py:ipc10.", lock_config=True
@@ -34,4 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags)

@@ -291,6 +291,18 @@ def test_bad_override_values(arg, bad):
         get_config("cifar10", arg)
 
 
+@pytest.mark.parametrize("arg,needle", [("ipc1,iterations=abc", "iterations='abc': expected an integer"),
+                                        ("ipc1,lr_img=fast", "lr_img='fast': expected a number")])
+def test_bad_numbers_name_the_field_and_type(arg, needle):
+    with pytest.raises(ValueError, match=needle):
+        get_config("cifar10", arg)
+
+
+def test_preset_for_a_file_without_presets():
+    message = _error(lambda: get_config("default", "ipc10"))
+    assert "'ipc10'" in message and "no presets" in message and "configs/mnist.py:ipc10" in message
+
+
 # --------------------------------------------------------------------------------------------------
 # Errors name the bad value and the allowed ones.
 # --------------------------------------------------------------------------------------------------
@@ -354,9 +366,21 @@ def test_unknown_image_update():
 
 def test_unknown_field():
     message = _error(lambda: get_config("cifar10", "ipc10,eval.num_evals=3"))
-    assert "eval.num_evals" in message
+    assert "eval.num_evals" in message and "num_eval" in message
     message = _error(lambda: get_config("cifar10", "ipc10,evaluation.every=3"))
-    assert "evaluation.every" in message
+    assert "evaluation.every" in message and "eval" in message
+
+
+def test_unknown_field_given_as_a_flag():
+    config_flag = f"--config={CONFIG_DIR / 'cifar10.py'}:ipc10,method=dm"
+    config_lib.check_config_flags(["run.py", config_flag, "--config.eval.num_eval=1",
+                                   "--config.lr_img", "2"])
+    message = _error(lambda: config_lib.check_config_flags(
+        ["run.py", config_flag, "--config.eval.num_evals=1"]))
+    assert "'eval.num_evals'" in message and "num_eval" in message and "epochs" in message
+    message = _error(lambda: config_lib.check_config_flags(
+        ["run.py", "--config", f"{CONFIG_DIR / 'cifar10.py'}:ipc10", "--config.lr_img.x", "2"]))
+    assert "'lr_img.x'" in message and "'lr_img' is a value" in message
 
 
 @pytest.mark.parametrize(
