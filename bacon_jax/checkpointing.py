@@ -47,19 +47,20 @@ def save(manager, step, state, metadata):
     manager.wait_until_finished()
 
 
-def restore_latest(manager, template_state, metadata):
-    """Restores the latest checkpoint into the structure of `template_state`, or returns None.
+def check_resumable(manager, metadata, max_step):
+    """Checks that `manager`'s latest checkpoint can be resumed by a config; returns its step.
 
     Args:
         manager: from `make_manager`.
-        template_state: a state (or jax.eval_shape of one) with the expected structure and shapes.
         metadata: `state_metadata` of the current config.
+        max_step: the config's iteration count; a checkpoint beyond it belongs to a longer run.
 
     Returns:
-        The restored state, or None when the directory holds no checkpoint.
+        The latest step, or None when the directory holds no checkpoint.
 
     Raises:
-        ValueError: the checkpoint was written by a config with different shapes or semantics.
+        ValueError: the checkpoint was written by a config with different shapes or semantics, or
+            is past `max_step`.
     """
     step = manager.latest_step()
     if step is None:
@@ -74,6 +75,32 @@ def restore_latest(manager, template_state, metadata):
             f"Checkpoint at {manager.directory} (step {step}) was written by a different config "
             f"({details}). Use a new --workdir or the config that wrote it."
         )
+    if step > max_step:
+        raise ValueError(
+            f"Checkpoint at {manager.directory} is at iteration {step}, past this config's "
+            f"iterations={max_step}. Use iterations >= {step} to resume it, or a new --workdir."
+        )
+    return step
+
+
+def restore_latest(manager, template_state, metadata, max_step):
+    """Restores the latest checkpoint into the structure of `template_state`, or returns None.
+
+    Args:
+        manager: from `make_manager`.
+        template_state: a state (or jax.eval_shape of one) with the expected structure and shapes.
+        metadata: `state_metadata` of the current config.
+        max_step: the config's iteration count (see `check_resumable`).
+
+    Returns:
+        The restored state, or None when the directory holds no checkpoint.
+
+    Raises:
+        ValueError: see `check_resumable`.
+    """
+    step = check_resumable(manager, metadata, max_step)
+    if step is None:
+        return None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_state)
     restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))

@@ -568,16 +568,23 @@ def ignores_input(model: nn.Module, variables: Mapping[str, Any], inputs: Array,
     return float(jnp.max(jnp.std(outputs, axis=0))) == 0.0
 
 
-def check_input_dependent(name: str, num_classes: int, image_shape: Sequence[int]) -> None:
-    """Raises ValueError when network `name` ignores its input at this image size.
+def check_architecture(name: str, num_classes: int, image_shape: Sequence[int]) -> None:
+    """Raises a ValueError naming `name` when that network cannot learn from images of this shape.
 
-    The instance-norm ResNet18 on 8x8 images (digits) reaches a 1x1 map in its last stage, where
-    instance norm outputs exactly its bias: the logits are the same for every input and the network
-    scores chance whatever it trains on. Checked at initialisation on a few random inputs, before
-    any training is spent on such a network.
+    Two cases, both caught before any training is spent on the network:
+    * it cannot be built: the image is too small for its pooling stages (VGG11 or LeNet on 8x8);
+    * it ignores its input: the instance-norm ResNet18 on 8x8 images (digits) reaches a 1x1 map in
+      its last stage, where instance norm outputs exactly its bias, so the logits are the same for
+      every input and the network scores chance whatever it trains on (checked on a few random
+      inputs).
     """
     model = get_model(name, num_classes, image_shape)
-    variables = init_model(model, jax.random.PRNGKey(0), image_shape)
+    try:
+        variables = init_model(model, jax.random.PRNGKey(0), image_shape)
+    except ValueError as error:
+        raise ValueError(
+            f"Architecture {name!r} cannot take images of shape {tuple(image_shape)}: {error}."
+        ) from None
     inputs = jax.random.normal(jax.random.PRNGKey(1), (4, *image_shape))
     if ignores_input(model, variables, inputs):
         raise ValueError(

@@ -118,16 +118,6 @@ def load_saved_set(exp_dir, config, dataset_spec):
     return images, labels
 
 
-def _check_builds(names, dataset_spec):
-    """Fails before any training when an architecture cannot take the dataset's image size."""
-    shape = tuple(dataset_spec.image_shape)
-    for name in names:
-        model = models.get_model(name, dataset_spec.num_classes, shape)
-        jax.eval_shape(lambda key, m=model: models.init_model(m, key, shape),
-                       jax.random.PRNGKey(0))
-        models.check_input_dependent(name, dataset_spec.num_classes, shape)
-
-
 def _append_results(workdir, config, entries):
     """Appends `entries` to results.json["reevaluations"] (creating a minimal file if needed)."""
     path = os.path.join(workdir, RESULTS_NAME)
@@ -170,7 +160,9 @@ def reevaluate(config, workdir, *, eval_mode=None, command=""):
     config_lib.validate(config)
     names = models_for(config, eval_mode)
     check_run_config(config, workdir)
-    _check_builds(names, data.DATASETS[config.dataset.name])
+    dataset_spec = data.DATASETS[config.dataset.name]
+    for name in names:  # before any training
+        models.check_architecture(name, dataset_spec.num_classes, dataset_spec.image_shape)
     experiments = experiment_dirs(workdir)
     if not experiments:
         raise FileNotFoundError(

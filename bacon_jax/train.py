@@ -137,6 +137,39 @@ def _record_evaluation(writer, exp_dir, it, state, spec, dataset, accuracies):
                              dataset.preprocessing, spec.ipc, spec.num_classes)
 
 
+def distill_iterations(config):
+    """Distillation iterations of a run: `config.iterations`, or 0 for `method=random`."""
+    return 0 if config.method == "random" else int(config.iterations)
+
+
+def final_evaluation_settings(config):
+    """The settings the final evaluation's accuracies depend on (besides the set and the seed).
+
+    Stored in `final.json`: a rerun of a finished experiment reuses its accuracies only when these
+    are unchanged, and evaluates again otherwise.
+    """
+    settings = config_lib.to_dict(config.eval)
+    for schedule_only in ("every", "intermediate"):
+        del settings[schedule_only]
+    settings["dsa_families"] = config.dsa_families
+    return json.loads(json.dumps(settings))  # tuples as lists, as final.json reads back
+
+
+def check_workdir(config, workdir, dataset_spec):
+    """Raises ValueError when a checkpoint in `workdir` cannot be resumed by `config`.
+
+    Checks every experiment before anything is written, so a refused rerun leaves the run's files
+    (its `config.json` in particular) as they were.
+    """
+    metadata = checkpointing.state_metadata(config, dataset_spec)
+    for exp in range(config.num_exp):
+        directory = os.path.join(workdir, f"exp{exp}", "checkpoints")
+        if os.path.isdir(directory):
+            manager = checkpointing.make_manager(directory)
+            checkpointing.check_resumable(manager, metadata, distill_iterations(config))
+            manager.close()
+
+
 def run_experiment(config, exp, key, dataset, real, workdir):
     """Distills one synthetic set (resuming from the latest checkpoint) and evaluates it.
 
@@ -150,22 +183,25 @@ def run_experiment(config, exp, key, dataset, real, workdir):
     spec = distill.spec_from_config(config, dataset.spec, max_class, mesh=make_mesh(config))
     model = models.get_model(config.model, dataset.spec.num_classes, dataset.spec.image_shape)
     metadata = checkpointing.state_metadata(config, dataset.spec)
-    iterations = 0 if config.method == "random" else int(config.iterations)
+    iterations = distill_iterations(config)
 
     init_key, eval_key = jax.random.fold_in(key, _INIT), jax.random.fold_in(key, _EVAL)
     init_fn = jax.jit(functools.partial(distill.init_state, model=model, spec=spec))
     manager = checkpointing.make_manager(os.path.join(exp_dir, "checkpoints"))
     template = jax.eval_shape(init_fn, init_key, real)
-    state = checkpointing.restore_latest(manager, template, metadata)
+    state = checkpointing.restore_latest(manager, template, metadata, iterations)
     if state is None:
         state = init_fn(init_key, real)
     start = int(state.step)
+    evaluation_settings = final_evaluation_settings(config)
     if os.path.exists(final_path) and start == iterations:
         with open(final_path) as f:
             done = json.load(f)
-        if done.get("iteration") == iterations and set(done["accuracies"]) == set(config.eval.models):
+        if (done.get("iteration") == iterations and set(done["accuracies"]) == set(config.eval.models)
+                and done.get("evaluation", evaluation_settings) == evaluation_settings):
             logging.info("[exp %d] already finished; reusing %s", exp, final_path)
             return {k: np.asarray(v) for k, v in done["accuracies"].items()}
+        logging.info("[exp %d] already distilled; evaluating it with this config's settings", exp)
     if start:
         logging.info("[exp %d] resumed from iteration %d", exp, start)
 
@@ -229,6 +265,7 @@ def run_experiment(config, exp, key, dataset, real, workdir):
     _write_json(final_path, {
         "iteration": iterations,
         "accuracies": {k: [float(x) for x in v] for k, v in accuracies.items()},
+        "evaluation": evaluation_settings,
     })
     return accuracies
 
@@ -244,11 +281,12 @@ def train_and_evaluate(config, workdir):
         The results dict written to results.json.
     """
     config_lib.validate(config)
-    os.makedirs(workdir, exist_ok=True)
-    _write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
     dataset = data.load_dataset(config.dataset)
     for name in config.eval.models:  # before any distillation is spent on a run it cannot report
-        models.check_input_dependent(name, dataset.spec.num_classes, dataset.spec.image_shape)
+        models.check_architecture(name, dataset.spec.num_classes, dataset.spec.image_shape)
+    check_workdir(config, workdir, dataset.spec)
+    os.makedirs(workdir, exist_ok=True)
+    _write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
     real = distill.real_data_from_dataset(dataset)
     logging.info("Dataset %s: %d train / %d test images of shape %s, %d classes", dataset.spec.name,
                  len(dataset.y_train), len(dataset.y_test), dataset.spec.image_shape,

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from bacon_jax import checkpointing, data, distill, models, train
+from bacon_jax import checkpointing, config_lib, data, distill, models, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory.")
@@ -51,7 +51,8 @@ def main(argv):
     template = distill.init_state(jax.random.PRNGKey(0), real, model, spec)
     manager = checkpointing.make_manager(f"{_WORKDIR.value}/exp0/checkpoints")
     state = checkpointing.restore_latest(manager, template,
-                                         checkpointing.state_metadata(config, dataset.spec))
+                                         checkpointing.state_metadata(config, dataset.spec),
+                                         max_step=int(config.iterations))
     if state is None:
         raise app.UsageError(f"No checkpoint under {_WORKDIR.value}/exp0/checkpoints.")
     images, _ = distill.synthetic_set(state, spec)
@@ -74,4 +75,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags)

@@ -389,6 +389,13 @@ def test_networks_that_ignore_their_input_are_refused():
     # Instance-norm ResNet18 on 8x8 reaches a 1x1 map, where instance norm outputs its bias: the
     # logits do not depend on the input (it scored exactly chance, 10.00 +- 0.00, on digits).
     with pytest.raises(ValueError, match=r"'ResNet18'.*\(8, 8, 1\)"):
-        models.check_input_dependent("ResNet18", 10, (8, 8, 1))
-    models.check_input_dependent("ResNet18BN", 10, (8, 8, 1))
-    models.check_input_dependent("ConvNetW8", 10, (8, 8, 1))
+        models.check_architecture("ResNet18", 10, (8, 8, 1))
+    models.check_architecture("ResNet18BN", 10, (8, 8, 1))
+    models.check_architecture("ConvNetW8", 10, (8, 8, 1))
+
+
+@pytest.mark.parametrize("name", ["VGG11", "LeNet"])
+def test_networks_too_deep_for_the_image_are_refused_by_name(name):
+    with pytest.raises(ValueError, match=rf"'{name}' cannot take images of shape \(8, 8, 1\).*"
+                                         "too small"):
+        models.check_architecture(name, 10, (8, 8, 1))

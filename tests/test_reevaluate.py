@@ -95,8 +95,9 @@ def test_config_of_another_run_is_refused(run_dir):
 
 
 def test_architecture_too_big_for_the_images_fails_early(tmp_path):
-    # VGG11's five poolings do not fit 8x8 digits: refused before any evaluation or file access.
-    with pytest.raises(ValueError):
+    # LeNet and VGG11 do not fit 8x8 digits: refused before any evaluation or file access.
+    # Pool M is MLP, ConvNet, LeNet, AlexNet, VGG11, ResNet18: LeNet is the first that cannot fit.
+    with pytest.raises(ValueError, match="'LeNet' cannot take images of shape"):
         reevaluate.reevaluate(_config(), str(tmp_path), eval_mode="M")
 
 

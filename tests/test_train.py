@@ -59,8 +59,37 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_checkpoint_of_another_config_is_refused(tmp_path):
     train.train_and_evaluate(_config("ipc1,method=dm"), str(tmp_path))
+    written = (tmp_path / "config.json").read_text()
     with pytest.raises(ValueError, match="method: checkpoint 'dm' vs config 'idm'"):
         train.train_and_evaluate(_config("ipc1,method=idm"), str(tmp_path))
+    with pytest.raises(ValueError, match="seed: checkpoint 0 vs config 1"):
+        train.train_and_evaluate(_config("ipc1,method=dm,seed=1"), str(tmp_path))
+    # A checkpoint past `iterations` belongs to a longer run: refused, not relabelled.
+    shorter = _config("ipc1,method=dm")
+    shorter.iterations = 2
+    with pytest.raises(ValueError, match="at iteration 4, past this config's iterations=2"):
+        train.train_and_evaluate(shorter, str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == written  # a refused rerun writes nothing
+
+
+def test_rerun_of_a_finished_run_reevaluates_only_when_evaluation_settings_change(tmp_path):
+    workdir = str(tmp_path)
+    first = train.train_and_evaluate(_config("ipc1,method=dm"), workdir)
+    evals = tmp_path / "exp0" / "evals.jsonl"
+    assert len(evals.read_text().splitlines()) == 1
+    schedule_only = _config("ipc1,method=dm")
+    schedule_only.eval.intermediate = True
+    same = train.train_and_evaluate(schedule_only, workdir)
+    assert same["results"] == first["results"]  # reused: nothing evaluated again
+    assert len(evals.read_text().splitlines()) == 1
+    one_net = _config("ipc1,method=dm")
+    one_net.eval.num_eval = 1
+    fewer = train.train_and_evaluate(one_net, workdir)
+    assert fewer["results"]["ConvNetW8"]["num_runs"] == 1
+    assert len(evals.read_text().splitlines()) == 2
+    final = json.loads((tmp_path / "exp0" / "final.json").read_text())
+    assert final["evaluation"]["num_eval"] == 1 and len(final["accuracies"]["ConvNetW8"]) == 1
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["eval"]["num_eval"] == 1
 
 
 def test_nan_loss_stops_before_checkpointing(tmp_path):
