@@ -431,7 +431,11 @@ def _one_after_another(fn, count, params, momentum, keys, real):
 
 
 def train_pool(pool, key, real, model, spec):
-    """Trains `fetch_net_num` distinct pool nets side by side (vmap) and updates their meters."""
+    """Trains `fetch_net_num` distinct pool nets and updates their meters.
+
+    The nets train side by side (vmap), or one after another when `spec.pool_nets_one_by_one`
+    (XLA:CPU at pool batches of 64 or more, where vmapped convolutions are slower); same maths.
+    """
     capacity = pool.correct.shape[0]
     slots = _pick_distinct_slots(
         jax.random.fold_in(key, 0), pool.size, capacity, spec.fetch_net_num
