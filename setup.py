@@ -13,15 +13,17 @@ setuptools.setup(
     python_requires=">=3.10",
     # Ranges admit the CPU wheels CI installs (jax 0.10) and the CUDA/TPU builds
     # of jax 0.11 on accelerator machines. For GPU: pip install -U "jax[cuda12]".
-    # Floors: jax 0.8.0 with flax 0.11.2 and orbax-checkpoint 0.12.8 passed the distillation,
-    # evaluation, parallel and checkpoint tests; jax 0.7.2 fails (NotImplementedError in the
-    # gradient under shard_map), and jax 0.6.2 fails in orbax-checkpoint 0.11.40 and 0.12.8 alike.
+    # Floors are tested versions: jax 0.8.0 with flax 0.11.2 and orbax-checkpoint 0.12.8 passed
+    # tests/test_{distill,evaluation,parallel,losses,export,reevaluate}.py except
+    # test_initial_state_has_the_type_of_a_step_output (where the step's outputs are placed).
+    # jax 0.7.2 fails (NotImplementedError in the gradient under shard_map), and jax 0.6.2 fails
+    # in orbax-checkpoint 0.11.40 and 0.12.8 alike.
     install_requires=[
         "jax>=0.8.0,<0.12",
         "flax>=0.11.2,<0.13",
         "optax>=0.2.4,<0.3",
         "chex>=0.1.88,<0.2",
-        "orbax-checkpoint>=0.12.0,<0.13",
+        "orbax-checkpoint>=0.12.8,<0.13",
         "ml-collections>=0.1.1,<2",
         "tensorflow-datasets>=4.9.7,<5",
         "absl-py>=2.1",

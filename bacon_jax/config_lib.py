@@ -235,15 +235,26 @@ def check_config_flags(argv, flag="config"):
     """Raises a ValueError for a `--config.<field>` flag that names no field of the config.
 
     ml_collections reports such a flag with a bare AttributeError traceback; this check loads the
-    `--config=path:arg` file of `argv` and names the unknown field and the fields next to it.
-    Anything it cannot judge (no or unloadable --config) is left to the flag parser.
+    `--config=path:arg` file of `argv` and names the unknown field and the fields next to it. It
+    reads the override forms ml_collections accepts (`-`/`--`, `no` prefix, `=value` or a separate
+    value) and expands `--flagfile`s first. Anything it cannot judge (no or unloadable --config)
+    is left to the flag parser.
     """
-    prefix, config = f"--{flag}.", None
+    import re
+
+    from absl import flags
+
+    try:
+        argv = flags.FLAGS.read_flags_from_files(list(argv[1:]), force_gnu=False)
+    except flags.Error:  # the flag parser reports it
+        return
+    file_flag = re.compile(rf"^--?{flag}(?:=(.*))?$")
+    override = re.compile(rf"^--?(?:no)?{flag}\.([^=]+)")
+    config = None
     for index, item in enumerate(argv):
-        if item.startswith(f"--{flag}="):
-            config = item.split("=", 1)[1]
-        elif item == f"--{flag}" and index + 1 < len(argv):
-            config = argv[index + 1]
+        match = file_flag.match(item)
+        if match:
+            config = match.group(1) if match.group(1) is not None else (argv[index + 1:] or [None])[0]
     if config is None:
         return
     path, _, arg = config.partition(":")
@@ -252,8 +263,9 @@ def check_config_flags(argv, flag="config"):
     except Exception:  # the flag parser reports the file's own error
         return
     for item in argv:
-        if item.startswith(prefix):
-            _field_parent(config, item[len(prefix):].split("=", 1)[0])
+        match = override.match(item)
+        if match:
+            _field_parent(config, match.group(1))
 
 
 def parse_flags(argv):

@@ -77,6 +77,14 @@ def gather(x):
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def barrier(name):
+    """Waits until every process has reached the barrier `name` (nothing to wait for with one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+        multihost_utils.sync_global_devices(name)
+
+
 def shard(fn, mesh, in_specs, out_specs):
     """`jax.shard_map(fn)` over `mesh`; specs use `split` (leading axis over AXIS) or `replicated`."""
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)

@@ -149,9 +149,9 @@ def final_evaluation_settings(config):
     are unchanged, and evaluates again otherwise.
     """
     settings = config_lib.to_dict(config.eval)
-    for schedule_only in ("every", "intermediate"):
-        del settings[schedule_only]
-    settings["dsa_families"] = config.dsa_families
+    for no_effect in ("every", "intermediate", "test_batch_size"):  # schedule and memory only
+        del settings[no_effect]
+    settings["dsa_families"] = config.dsa_families if config.eval.dsa else None
     return json.loads(json.dumps(settings))  # tuples as lists, as final.json reads back
 
 
@@ -159,15 +159,20 @@ def check_workdir(config, workdir, dataset_spec):
     """Raises ValueError when a checkpoint in `workdir` cannot be resumed by `config`.
 
     Checks every experiment before anything is written, so a refused rerun leaves the run's files
-    (its `config.json` in particular) as they were.
+    (its `config.json` in particular) as they were. With several processes, all of them check
+    before any goes on to create checkpoint directories, so all see the same ones (and open the
+    same number of checkpoint managers, whose constructors are collective).
     """
     metadata = checkpointing.state_metadata(config, dataset_spec)
     for exp in range(config.num_exp):
         directory = os.path.join(workdir, f"exp{exp}", "checkpoints")
         if os.path.isdir(directory):
             manager = checkpointing.make_manager(directory)
-            checkpointing.check_resumable(manager, metadata, distill_iterations(config))
-            manager.close()
+            try:
+                checkpointing.check_resumable(manager, metadata, distill_iterations(config))
+            finally:
+                manager.close()
+    parallel.barrier("bacon_jax: workdir checked")
 
 
 def run_experiment(config, exp, key, dataset, real, workdir):
@@ -197,8 +202,8 @@ def run_experiment(config, exp, key, dataset, real, workdir):
     if os.path.exists(final_path) and start == iterations:
         with open(final_path) as f:
             done = json.load(f)
-        if (done.get("iteration") == iterations and set(done["accuracies"]) == set(config.eval.models)
-                and done.get("evaluation", evaluation_settings) == evaluation_settings):
+        # A final.json without "evaluation" (written before it was recorded) is evaluated again.
+        if done.get("iteration") == iterations and done.get("evaluation") == evaluation_settings:
             logging.info("[exp %d] already finished; reusing %s", exp, final_path)
             return {k: np.asarray(v) for k, v in done["accuracies"].items()}
         logging.info("[exp %d] already distilled; evaluating it with this config's settings", exp)
@@ -282,7 +287,8 @@ def train_and_evaluate(config, workdir):
     """
     config_lib.validate(config)
     dataset = data.load_dataset(config.dataset)
-    for name in config.eval.models:  # before any distillation is spent on a run it cannot report
+    distilled_with = (config.model,) if distill_iterations(config) else ()
+    for name in (*distilled_with, *config.eval.models):  # before any distillation is spent
         models.check_architecture(name, dataset.spec.num_classes, dataset.spec.image_shape)
     check_workdir(config, workdir, dataset.spec)
     os.makedirs(workdir, exist_ok=True)

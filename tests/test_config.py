@@ -6,7 +6,10 @@ preset must parse and validate. The resolved values are checked against the tabl
 """
 
 import importlib.util
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -366,21 +369,50 @@ def test_unknown_image_update():
 
 def test_unknown_field():
     message = _error(lambda: get_config("cifar10", "ipc10,eval.num_evals=3"))
-    assert "eval.num_evals" in message and "num_eval" in message
+    assert "'eval.num_evals'" in message and "fields at eval" in message and "'epochs'" in message
     message = _error(lambda: get_config("cifar10", "ipc10,evaluation.every=3"))
-    assert "evaluation.every" in message and "eval" in message
+    assert "'evaluation.every'" in message and "fields at the top level" in message
+    assert "'dsa_families'" in message
 
 
-def test_unknown_field_given_as_a_flag():
+@pytest.mark.parametrize("flags", [
+    ["--config.eval.num_evals=1"],
+    ["--config.eval.num_evals", "1"],
+    ["-config.eval.num_evals=1"],
+    ["--noconfig.eval.num_evals"],
+])
+def test_unknown_field_given_as_a_flag(flags):
     config_flag = f"--config={CONFIG_DIR / 'cifar10.py'}:ipc10,method=dm"
-    config_lib.check_config_flags(["run.py", config_flag, "--config.eval.num_eval=1",
-                                   "--config.lr_img", "2"])
+    message = _error(lambda: config_lib.check_config_flags(["run.py", config_flag, *flags]))
+    assert "'eval.num_evals'" in message and "fields at eval" in message and "'epochs'" in message
+
+
+def test_known_fields_given_as_flags_pass_the_check(tmp_path):
+    flagfile = tmp_path / "flags.txt"
+    flagfile.write_text("--config.eval.num_eval=1\n")
+    config_lib.check_config_flags(["run.py", "-config", f"{CONFIG_DIR / 'cifar10.py'}:ipc10",
+                                   "--config.lr_img", "2", "--noconfig.syn_ce",
+                                   f"--flagfile={flagfile}"])
+    flagfile.write_text("--config.eval.num_evals=1\n")
     message = _error(lambda: config_lib.check_config_flags(
-        ["run.py", config_flag, "--config.eval.num_evals=1"]))
-    assert "'eval.num_evals'" in message and "num_eval" in message and "epochs" in message
+        ["run.py", f"--config={CONFIG_DIR / 'cifar10.py'}", f"--flagfile={flagfile}"]))
+    assert "'eval.num_evals'" in message
     message = _error(lambda: config_lib.check_config_flags(
         ["run.py", "--config", f"{CONFIG_DIR / 'cifar10.py'}:ipc10", "--config.lr_img.x", "2"]))
     assert "'lr_img.x'" in message and "'lr_img' is a value" in message
+
+
+def test_scripts_report_an_unknown_field_flag_without_a_traceback(tmp_path):
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(CONFIG_DIR.parent / "experiments" / "run.py"),
+         f"--config={CONFIG_DIR / 'digits.py'}:ipc10", f"--workdir={workdir}", "--config.bogus=1"],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 1
+    assert "FATAL Flags parsing error: Unknown config field 'bogus'" in result.stderr
+    assert "Traceback" not in result.stderr and not workdir.exists()
 
 
 @pytest.mark.parametrize(

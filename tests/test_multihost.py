@@ -48,6 +48,13 @@ def test_two_processes_equal_one(tmp_path):
         assert p.returncode == 0, out[-3000:]
     # Process 0 logs progress; process 1 only warnings.
     assert "final (it 3)" in outputs[0] and "final (it 3)" not in outputs[1]
+    # A rerun: every process opens the existing checkpoints before any writes (collectively).
+    port = _free_port()
+    processes = [_launch(workdir, port, p) for p in (0, 1)]
+    outputs = [p.communicate(timeout=900)[0] for p in processes]
+    for p, out in zip(processes, outputs):
+        assert p.returncode == 0, out[-3000:]
+    assert "already finished" in outputs[0]
 
     config = config_lib.load_config_file(os.path.join(ROOT, "configs", "digits.py"), ARG)
     train.train_and_evaluate(config, str(tmp_path / "one"))

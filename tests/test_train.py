@@ -90,6 +90,23 @@ def test_rerun_of_a_finished_run_reevaluates_only_when_evaluation_settings_chang
     final = json.loads((tmp_path / "exp0" / "final.json").read_text())
     assert final["evaluation"]["num_eval"] == 1 and len(final["accuracies"]["ConvNetW8"]) == 1
     assert json.loads((tmp_path / "results.json").read_text())["config"]["eval"]["num_eval"] == 1
+    # A final.json that does not record its evaluation settings is not trusted: evaluated again.
+    del final["evaluation"]
+    (tmp_path / "exp0" / "final.json").write_text(json.dumps(final))
+    train.train_and_evaluate(one_net, workdir)
+    assert len(evals.read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("field", ["model", "eval.models"])
+def test_architecture_too_small_for_the_images_is_refused_before_the_run(tmp_path, field):
+    config = _config("ipc1,method=dm")
+    if field == "model":
+        config.model = "VGG11"
+    else:
+        config.eval.models = ("ConvNetW8", "VGG11")
+    with pytest.raises(ValueError, match="'VGG11' cannot take images of shape"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_nan_loss_stops_before_checkpointing(tmp_path):
