@@ -112,12 +112,7 @@ METHOD_DEFAULTS = {
 
 def _set_fields(config, fields):
     for key, value in fields.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        if leaf not in node:
-            raise ValueError(f"Unknown config field {key!r}.")
+        node, leaf = _field_parent(config, key)
         node[leaf] = value
 
 
