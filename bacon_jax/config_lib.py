@@ -155,6 +155,7 @@ def build(base, presets, arg, method_presets=None, cmi_weights=None):
     method = choose("method", overrides.get("method", base.method), METHODS)
     _set_fields(base, METHOD_DEFAULTS[method])
     _set_fields(base, (method_presets or {}).get((preset, method), {}))
+    base.method_defaults = method
     if cmi_switch == "on":
         if method == "random":
             raise ValueError("cmi=on needs a distillation method (dm, idm, bacon), not random.")
@@ -163,11 +164,31 @@ def build(base, presets, arg, method_presets=None, cmi_weights=None):
     return base
 
 
+def check_method_defaults(config):
+    """Raises ValueError when `config.method` was changed after the method's settings were applied.
+
+    `build` applies the method's reference settings (METHOD_DEFAULTS, the config file's per-method
+    values) for the `method=` of the config argument and records it in `config.method_defaults`.
+    Setting `config.method` later (`--config.method=dm`, or in Python) would keep the first
+    method's settings: DM with BACON's expansion, per-class update and image learning rate.
+    """
+    recorded = config.get("method_defaults")
+    if recorded and recorded != config.method:
+        raise ValueError(
+            f"config.method is {config.method!r} but the config holds the settings of "
+            f"{recorded!r} (config.method_defaults). Choose the method in the config argument, "
+            f"e.g. --config=configs/mnist.py:ipc10,method={config.method} or "
+            f"load_config_file(path, 'ipc10,method={config.method}'); to run {config.method!r} "
+            f"with {recorded!r}'s settings on purpose, also set method_defaults={config.method}."
+        )
+
+
 def validate(config):
     """Raises ValueError naming the first invalid field of `config` and the allowed values."""
     from bacon_jax import data, models  # Local import: configs import this module cheaply.
 
     choose("method", config.method, METHODS)
+    check_method_defaults(config)
     choose("dataset", config.dataset.name, tuple(data.DATASETS))
     choose("ipc", config.ipc, IPCS + tuple(config.get("extra_ipcs", ())))
     choose("image_update", config.image_update, IMAGE_UPDATES)

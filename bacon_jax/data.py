@@ -145,10 +145,23 @@ class Preprocessing:
         Returns:
             float32 images of the same shape.
         """
-        if self.is_zca:
-            x = jnp.asarray(x_uint8, jnp.float32) / 255.0
-            return apply_zca(x, self.zca_mean, self.zca_matrix)
-        return normalize(x_uint8, self.mean, self.std)
+        return preprocess(x_uint8, self.mean, self.std, self.zca_mean, self.zca_matrix)
+
+
+def preprocess(x_uint8, mean, std, zca_mean=None, zca_matrix=None) -> jax.Array:
+    """`Preprocessing.preprocess` with every setting an argument (arrays may be traced).
+
+    Args:
+        x_uint8: [..., H, W, C] uint8 images.
+        mean, std: [C] per-channel statistics (unused with ZCA).
+        zca_mean, zca_matrix: the fitted ZCA whitening, or None for mean/std normalisation.
+
+    Returns:
+        float32 images of the same shape.
+    """
+    if zca_matrix is not None:
+        return apply_zca(jnp.asarray(x_uint8, jnp.float32) / 255.0, zca_mean, zca_matrix)
+    return normalize(x_uint8, mean, std)
 
 
 jax.tree_util.register_dataclass(
@@ -196,6 +209,11 @@ class Dataset:
     @property
     def num_test(self) -> int:
         return int(self.x_test.shape[0])
+
+    @property
+    def max_class_size(self) -> int:
+        """Training images in the largest class (what `distill.spec_from_config` needs)."""
+        return int(np.max(np.bincount(self.y_train, minlength=self.num_classes)))
 
     @property
     def preprocessing(self) -> Preprocessing:

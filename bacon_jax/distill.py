@@ -26,7 +26,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from bacon_jax import augment, data, loops, losses, models, parallel, sgd
+from bacon_jax import augment, config_lib, data, loops, losses, models, parallel, sgd
 
 # fold_in tags of the per-iteration key, one per purpose.
 _NEW_NET, _PICK_NET, _CLASSES, _POOL_PICK, _POOL_TRAIN, _FRESH_NET, _TEACHER = range(7)
@@ -72,6 +72,13 @@ class DistillSpec:
     # CMI regularizer weight (SPEC 7, A8); 0 = off. Needs a teacher passed to distill_step.
     cmi_weight: float = 0.0
 
+    def __post_init__(self):
+        # A misspelt method would otherwise run as DM (no pool, the mmd loss) without a word.
+        config_lib.choose("method", self.method, config_lib.METHODS)
+        config_lib.choose("image_update", self.image_update, config_lib.IMAGE_UPDATES)
+        if self.batch_real < 1:
+            raise ValueError(f"batch_real must be >= 1, got {self.batch_real}.")
+
     @property
     def uses_pool(self):
         return self.method in ("idm", "bacon")
@@ -87,7 +94,19 @@ class DistillSpec:
 
 
 def spec_from_config(config, dataset_spec, max_class_size, mesh=None):
-    """Builds the static engine settings from a config and a data.DatasetSpec."""
+    """Builds the static engine settings from a config and a data.DatasetSpec.
+
+    Args:
+        config: a ConfigDict as the config files build it (see configs/default.py).
+        dataset_spec: the dataset's `data.DatasetSpec` (classes, image shape).
+        max_class_size: training images in the largest class (`data.Dataset.max_class_size`).
+            The reference's real batch is the whole class when the class is smaller than
+            `config.batch_real` (SPEC 1.3), so `spec.batch_real` is the smaller of the two.
+        mesh: devices the step is mapped over (`parallel.make_mesh`); None = all devices.
+
+    Returns:
+        A `DistillSpec`; it raises a ValueError naming an unknown method or image update.
+    """
     return DistillSpec(
         method=config.method,
         num_classes=dataset_spec.num_classes,
@@ -609,9 +628,11 @@ def distill_step(state, real, teachers=None, *, model, spec, teacher_model=None)
     Order (SPEC 5.2): meter reset at evaluation points, pool growth, matching-net choice, all classes'
     gradients, image update, pool training. DM (SPEC 6): a fresh random net, one joint image step.
 
+    Not jitted itself: jit it with `model` and `spec` bound (`functools.partial`), as train.py does.
+
     Args:
-        state: DistillState before pass `state.step`.
-        real: RealData (device arrays; not donated).
+        state: DistillState before pass `state.step` (from `init_state`).
+        real: RealData (`real_data_from_dataset`; device arrays, not donated).
         teachers: stacked teacher variables [T, ...] for the CMI term (one drawn per iteration),
             or None when `spec.cmi_weight` is 0.
         model: the distillation network (static).
@@ -619,7 +640,11 @@ def distill_step(state, real, teachers=None, *, model, spec, teacher_model=None)
         teacher_model: the teachers' module (static), with `teachers`.
 
     Returns:
-        (new_state, metrics): metrics are scalars (means over classes, CE multiplier, pool size).
+        (new_state, metrics), metrics a dict of scalars: `loss` (the class objective), `match_loss`,
+        `ce_loss` (the synthetic CE before its multiplier; computed, and logged, even when the
+        multiplier is 0) and `cmi_loss`, each the mean over classes; `ce_multiplier` (ce_weight x
+        the matching net's meter accuracy in percent, 0 for DM); `image_rms` of the updated images;
+        and for IDM/BACON `pool_size`. The images to evaluate are `synthetic_set(new_state, spec)`.
     """
     it_key = jax.random.fold_in(state.key, state.step)
     params, ce_multiplier, pool = _select_network(state, it_key, model, spec)

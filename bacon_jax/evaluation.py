@@ -9,7 +9,7 @@ inside one compiled function.
 The partial last batch is kept exactly: the training-set size is static, so every epoch is a scan over
 the full batches plus one step on a batch of the remainder's exact size. Nothing is padded, so
 BatchNorm statistics see exactly the reference's batches. `eval_train_step` still accepts a mask for
-callers that pad.
+callers that pad, for networks without BatchNorm (padded rows would enter the batch statistics).
 """
 
 import dataclasses
@@ -94,6 +94,7 @@ class EvalState:
 
 
 def init_eval_state(key, model, spec):
+    """A fresh evaluation network (the model's default init from `key`) with zero momentum."""
     variables = models.init_model(model, key, spec.image_shape)
     params = variables["params"]
     return EvalState(
@@ -115,7 +116,8 @@ def eval_train_step(state, batch, key, lr, *, model, spec):
     Args:
         state: EvalState.
         batch: dict with 'images' [B, H, W, C] (model input space), 'labels' [B] int32 and optional
-            'mask' [B] bool (valid rows; the loss is the mean over valid rows).
+            'mask' [B] bool (valid rows; the loss is the mean over valid rows). A mask is refused
+            for BatchNorm networks, whose batch statistics would include the padded rows.
         key: the minibatch's DSA key (non-Siamese: per-sample parameters, one family).
         lr: learning rate (a traced scalar, so one compiled loop covers both phases).
         model: flax Module (static).
@@ -126,6 +128,11 @@ def eval_train_step(state, batch, key, lr, *, model, spec):
     """
     images, labels = batch["images"], batch["labels"]
     mask = batch.get("mask")
+    if mask is not None and state.batch_stats:
+        raise ValueError(
+            f"A batch 'mask' with {spec.model_name}, a BatchNorm network: the padded rows would "
+            "enter its batch statistics. Pass exact-size batches instead."
+        )
     if spec.dsa_families:
         images = augment.dsa(images, key, siamese=False, families=spec.dsa_families)
 
@@ -177,8 +184,12 @@ def _train_epoch(state, epoch_key, lr, images, labels, *, model, spec):
     return state
 
 
-def test_accuracy(state, test_images, test_labels, preprocessing, *, model, spec):
-    """Correct predictions over the whole test set (uint8 in, preprocessed per chunk; no drops)."""
+def count_correct(state, test_images, test_labels, preprocessing, *, model, spec):
+    """Number of correct predictions on the whole test set (uint8 in, preprocessed per chunk).
+
+    Every test image counts once (the last chunk is padded, its padding never counts). Divide by
+    the number of test images for the accuracy.
+    """
     num = test_images.shape[0]
     chunk = min(spec.test_batch_size, num)
     chunks = -(-num // chunk)
@@ -225,7 +236,7 @@ def train_and_test(key, images, labels, test_images, test_labels, preprocessing,
             state,
         )
         epoch += num_epochs
-    return test_accuracy(state, test_images, test_labels, preprocessing, model=model, spec=spec)
+    return count_correct(state, test_images, test_labels, preprocessing, model=model, spec=spec)
 
 
 def _over_nets(fn, spec, num_replicated):
@@ -276,7 +287,7 @@ def _epoch_many(states, keys, epoch, lr, images, labels, model, spec):
 def _test_many(states, test_images, test_labels, preprocessing, model, spec):
     def local(states, test_images, test_labels, preprocessing):
         return jax.vmap(
-            lambda s: test_accuracy(s, test_images, test_labels, preprocessing, model=model,
+            lambda s: count_correct(s, test_images, test_labels, preprocessing, model=model,
                                     spec=spec)
         )(states)
 

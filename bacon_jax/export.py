@@ -70,11 +70,19 @@ class SyntheticSet:
 
     @property
     def preprocessing(self) -> data.Preprocessing:
-        """The `data.Preprocessing` that maps uint8 images of the dataset into the set's space."""
+        """The `data.Preprocessing` that maps uint8 images of the dataset into the set's space.
+
+        Host-side: its mean and std are static Python floats, so build it from a loaded (concrete)
+        set, outside `jax.jit`. Inside a jitted function use `preprocess`.
+        """
         return data.Preprocessing(
             tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std),
             self.zca_mean, self.zca_matrix,
         )
+
+    def preprocess(self, x_uint8):
+        """Maps uint8 images of the dataset into the set's space; works on traced sets in `jit`."""
+        return data.preprocess(x_uint8, self.mean, self.std, self.zca_mean, self.zca_matrix)
 
     def training_set(self):
         """(images, labels) an evaluation network trains on: the x4 expansion when `expand`."""
@@ -142,28 +150,33 @@ def export_npz(path, images, labels, preprocessing, *, dataset, method, ipc, exp
 
 
 def _resolve_npz(path_or_workdir, exp):
+    """The .npz to read: the file itself, an experiment directory's, or a workdir's `exp{exp}`."""
     path = os.fspath(path_or_workdir)
-    if os.path.isdir(path):
-        candidates = [os.path.join(path, NPZ_NAME), os.path.join(path, f"exp{exp}", NPZ_NAME)]
-        for candidate in candidates:
-            if os.path.exists(candidate):
-                return candidate
-        raise FileNotFoundError(
-            f"No {NPZ_NAME} in {path}: looked for {' and '.join(candidates)}. A run writes it "
-            f"when an experiment finishes."
-        )
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist.")
-    return path
+    one_set = path if not os.path.isdir(path) else os.path.join(path, NPZ_NAME)
+    if os.path.exists(one_set):
+        if exp is not None:
+            raise ValueError(f"exp={exp} picks one of a workdir's experiments, but {path} holds "
+                             f"one set ({one_set}). Pass the workdir, or leave exp out.")
+        return one_set
+    candidate = os.path.join(path, f"exp{0 if exp is None else exp}", NPZ_NAME)
+    if not os.path.exists(candidate):
+        raise FileNotFoundError(
+            f"No {NPZ_NAME} in {path}: looked for {one_set} and {candidate}. A run writes it when "
+            f"an experiment finishes."
+        )
+    return candidate
 
 
-def load_synthetic(path_or_workdir, exp=0) -> SyntheticSet:
+def load_synthetic(path_or_workdir, exp=None) -> SyntheticSet:
     """Loads a synthetic set written by `export_npz`.
 
     Args:
         path_or_workdir: the `.npz` file, an experiment directory `exp{e}`, or a run's workdir
             (then `exp{exp}/synthetic.npz` is read).
-        exp: which experiment to read from a workdir.
+        exp: which experiment to read from a workdir (default 0); an error with an experiment
+            directory or a file.
 
     Returns:
         A `SyntheticSet` with numpy arrays. `.training_set()` applies the x4 expansion when the

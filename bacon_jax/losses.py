@@ -4,6 +4,10 @@ Every matching loss takes the features of ONE class: `syn_features` [N_s, D] (di
 `real_features` [N_r, D] (treated as constants), and returns a scalar. `real_mask` [N_r] marks the
 valid rows of a padded real batch (classes smaller than `batch_real`, SPEC 1.3); `None` means all rows
 are valid. Researchers can call these directly on their own features.
+
+A loss needs at least one valid real row (`bacon_loss` two: the unbiased standard deviation of one
+row is NaN, as torch.std's is in the reference); with fewer the result is NaN. Features of the wrong
+rank or width raise a ValueError naming the shapes.
 """
 
 import math
@@ -31,6 +35,21 @@ def _masked_unbiased_std(features, mask):
     return jnp.sqrt(squares / (count - 1.0))
 
 
+def _check_features(syn_features, real_features, real_mask=None):
+    """Raises ValueError unless the features are [N_s, D] and [N_r, D] and the mask is [N_r]."""
+    syn_shape, real_shape = tuple(jnp.shape(syn_features)), tuple(jnp.shape(real_features))
+    if len(syn_shape) != 2 or len(real_shape) != 2 or syn_shape[1] != real_shape[1]:
+        raise ValueError(
+            f"Matching losses take [N_s, D] synthetic and [N_r, D] real features of one class; got "
+            f"{syn_shape} and {real_shape}."
+        )
+    if real_mask is not None and tuple(jnp.shape(real_mask)) != real_shape[:1]:
+        raise ValueError(
+            f"real_mask must have shape ({real_shape[0]},) (one entry per real row); got "
+            f"{tuple(jnp.shape(real_mask))}."
+        )
+
+
 def mmd_loss(syn_features, real_features, real_mask=None):
     """DM/IDM matching loss: squared distance between the mean features (SPEC 5.4, 6).
 
@@ -42,6 +61,7 @@ def mmd_loss(syn_features, real_features, real_mask=None):
     Returns:
         Scalar sum_d (mean_real_d - mean_syn_d)^2.
     """
+    _check_features(syn_features, real_features, real_mask)
     real_mean = jax.lax.stop_gradient(_masked_mean(real_features, real_mask))
     syn_mean = jnp.mean(syn_features, axis=0)
     return jnp.sum(jnp.square(real_mean - syn_mean))
@@ -95,6 +115,7 @@ def bacon_loss(syn_features, real_features, real_mask=None, tv_weight=0.8, clip_
     Returns:
         Scalar loss, including the data-independent constant sum_d (s_d + log(2 pi) / 2).
     """
+    _check_features(syn_features, real_features, real_mask)
     real_features = jax.lax.stop_gradient(real_features)
     real_mean = _masked_mean(real_features, real_mask)
     real_std = _masked_unbiased_std(real_features, real_mask)

@@ -170,9 +170,8 @@ def reevaluate(config, workdir, *, eval_mode=None, command=""):
             f"experiment finishes)."
         )
     dataset = data.load_dataset(config.dataset)
-    max_class = int(np.max(np.bincount(dataset.y_train, minlength=dataset.spec.num_classes)))
     mesh = train.make_mesh(config)
-    spec = distill.spec_from_config(config, dataset.spec, max_class, mesh=mesh)
+    spec = distill.spec_from_config(config, dataset.spec, dataset.max_class_size, mesh=mesh)
     test_images = jnp.asarray(dataset.x_test)
     test_labels = jnp.asarray(dataset.y_test, jnp.int32)
     accuracies = {name: [] for name in names}

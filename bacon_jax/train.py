@@ -184,8 +184,8 @@ def run_experiment(config, exp, key, dataset, real, workdir):
     exp_dir = os.path.join(workdir, f"exp{exp}")
     os.makedirs(exp_dir, exist_ok=True)
     final_path = os.path.join(exp_dir, "final.json")
-    max_class = int(np.max(np.bincount(dataset.y_train, minlength=dataset.spec.num_classes)))
-    spec = distill.spec_from_config(config, dataset.spec, max_class, mesh=make_mesh(config))
+    spec = distill.spec_from_config(config, dataset.spec, dataset.max_class_size,
+                                    mesh=make_mesh(config))
     model = models.get_model(config.model, dataset.spec.num_classes, dataset.spec.image_shape)
     metadata = checkpointing.state_metadata(config, dataset.spec)
     iterations = distill_iterations(config)

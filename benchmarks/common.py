@@ -6,7 +6,6 @@ The benchmarks are scripts, not tests: they print figures and, where the issue d
 """
 
 import dataclasses
-import importlib.util
 import os
 import platform
 import resource
@@ -15,7 +14,7 @@ import time
 import jax
 import numpy as np
 
-from bacon_jax import data
+from bacon_jax import config_lib, data
 
 # Training / test split sizes of each dataset, for fake data of the right size when the real data
 # is not available (no TFDS here). Classes are balanced in the fake sets.
@@ -62,10 +61,7 @@ def load_config(config_flag, overrides=()):
     """
     path, _, arg = config_flag.partition(":")
     arg = ",".join(a for a in [arg, *overrides] if a)
-    spec = importlib.util.spec_from_file_location("benchmark_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    return config_lib.load_config_file(path, arg or None)
 
 
 def fake_dataset(name, seed=0):

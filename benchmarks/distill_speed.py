@@ -232,7 +232,6 @@ def main(argv):
           f"{dataset.num_classes} classes; data: {data_source}")
     mesh = common.mesh_for(args.num_devices)
     real = jax.device_put(distill.real_data_from_dataset(dataset), replicated(mesh))
-    max_class = int(np.max(np.bincount(dataset.y_train, minlength=dataset.num_classes)))
     peak, peak_label = common.device_peak()
     print(f"device peak used for ratios: {peak_label}"
           + (f" = {common.fmt_flops(peak, 'FLOP/s')}" if peak else "")
@@ -242,7 +241,7 @@ def main(argv):
     ratios = {}
     for method in methods:
         config = common.load_config(args.config, [f"method={method}", *overrides])
-        spec = distill.spec_from_config(config, dataset.spec, max_class, mesh=mesh)
+        spec = distill.spec_from_config(config, dataset.spec, dataset.max_class_size, mesh=mesh)
         model = models.get_model(config.model, dataset.num_classes, dataset.spec.image_shape)
         init = jax.jit(functools.partial(distill.init_state, model=model, spec=spec))
         init_fn = lambda: jax.device_put(init(jax.random.PRNGKey(config.seed), real),

@@ -87,8 +87,7 @@ def host_memory(args):
              common.fmt_bytes(common.peak_rss_bytes())]]
     if args.host_step_model:
         config = common.load_config("configs/mnist.py:ipc10", [f"model={args.host_step_model}"])
-        max_class = int(np.max(np.bincount(dataset.y_train, minlength=dataset.num_classes)))
-        spec = distill.spec_from_config(config, dataset.spec, max_class,
+        spec = distill.spec_from_config(config, dataset.spec, dataset.max_class_size,
                                         mesh=parallel.make_mesh(jax.devices()[:1]))
         spec = dataclasses.replace(spec, unroll_loops=jax.devices()[0].platform == "cpu")
         model = models.get_model(config.model, dataset.num_classes, dataset.spec.image_shape)

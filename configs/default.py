@@ -11,6 +11,10 @@ def get_base_config():
     """Returns the base ConfigDict (BACON, ConvNet, DSA, quadrant init, reference evaluation)."""
     config = ml_collections.ConfigDict()
     config.method = "bacon"  # contract: random | dm | idm | bacon
+    # The method whose reference settings the other fields hold (config_lib.build sets it with the
+    # `method=` of the config argument). validate() refuses a config whose `method` differs, e.g.
+    # after `--config.method=dm` or `config.method = "dm"`, which would run DM with BACON's settings.
+    config.method_defaults = "bacon"
     config.ipc = 10  # contract: images per class
     config.iterations = 20000  # contract: distillation passes; the reported set is after this many
     config.lr_img = 0.2  # contract: image learning rate (DM uses 1.0, config_lib.METHOD_DEFAULTS)

@@ -45,7 +45,7 @@ def main(argv):
         raise app.UsageError("Needs an IDM/BACON run with ipc >= 2 (a pool and several images).")
     dataset = data.load_dataset(config.dataset)
     real = distill.real_data_from_dataset(dataset)
-    spec = distill.spec_from_config(config, dataset.spec, int(np.bincount(dataset.y_train).max()),
+    spec = distill.spec_from_config(config, dataset.spec, dataset.max_class_size,
                                     mesh=train.make_mesh(config))
     model = models.get_model(config.model, dataset.num_classes, dataset.image_shape)
     template = distill.init_state(jax.random.PRNGKey(0), real, model, spec)

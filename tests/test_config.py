@@ -215,6 +215,29 @@ def test_dm_method_defaults(name):
     config_lib.validate(config)
 
 
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+@pytest.mark.parametrize("method", config_lib.METHODS)
+def test_method_defaults_record_the_method_of_the_argument(name, method):
+    arg = f"ipc10,method={method}" if "ipc10" in _presets(name) else f"method={method}"
+    config = get_config(name, arg)
+    assert config.method_defaults == method
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("later", ["dm", "idm"])
+def test_method_changed_after_build_is_refused(later):
+    """`--config.method=dm` after `:ipc10` (BACON's settings) would run DM with BACON's settings."""
+    config = get_config("mnist", "ipc10")
+    config.method = later
+    with pytest.raises(ValueError) as error:
+        config_lib.validate(config)
+    message = str(error.value)
+    assert f"config.method is '{later}' but the config holds the settings of 'bacon'" in message
+    assert f"configs/mnist.py:ipc10,method={later}" in message
+    config.method_defaults = later  # on purpose: BACON's settings under another method
+    config_lib.validate(config)
+
+
 # DM (SPEC 6) draws 256 real images per class at every IPC, not the IDM/BACON ipc1 preset's 5000.
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn"])
 def test_dm_uses_reference_batch_real_at_ipc1(name):

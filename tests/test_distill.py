@@ -637,3 +637,12 @@ def test_result_does_not_depend_on_the_cpu_loop_structure():
         state, metrics = run_steps(spec, start, 2)
         results.append((state.images, state.pool.params, state.pool.correct, metrics))
     chex.assert_trees_all_close(results[0], results[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("method", "BACON", "random, dm, idm, bacon"),  # would otherwise run as DM without a word
+    ("image_update", "per-class", "per_class, joint"),
+])
+def test_spec_refuses_unknown_method_and_image_update(field, value, allowed):
+    with pytest.raises(ValueError, match=f"Unknown {field} '{value}'; allowed: {allowed}"):
+        dataclasses.replace(make_spec("bacon"), **{field: value})

@@ -1,6 +1,7 @@
 """Tests of the evaluation protocol (SPEC 8, A10): schedule, step semantics, batching, test pass."""
 
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -43,14 +44,14 @@ def test_eval_train_step_is_torch_sgd():
     labels = jnp.array([0, 1, 2, 0, 1, 2])
     mask = jnp.array([True, True, True, True, False, False])
     batch = {"images": images, "labels": labels, "mask": mask}
-    new, metrics = evaluation.eval_train_step(state, batch, jax.random.PRNGKey(2), 0.1,
-                                              model=model, spec=spec)
+    step = jax.jit(functools.partial(evaluation.eval_train_step, model=model, spec=spec))
+    new, metrics = step(state, batch, jax.random.PRNGKey(2), 0.1)
 
     def loss(p):  # mean CE over the valid rows only
         logits = model.apply({"params": p}, images[:4], train=True)
         return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels[:4]])
 
-    grads = jax.grad(loss)(state.params)
+    grads = jax.jit(jax.grad(loss))(state.params)
     expected_m = jax.tree.map(lambda g, w: 0.9 * 1.0 + g + 5e-4 * w, grads, state.params)
     expected_p = jax.tree.map(lambda w, m: w - 0.1 * m, state.params, expected_m)
     chex.assert_trees_all_close(new.momentum, expected_m, atol=1e-6)
@@ -58,7 +59,19 @@ def test_eval_train_step_is_torch_sgd():
     assert int(metrics["count"]) == 4
 
 
-def test_test_accuracy_counts_every_test_image():
+def test_mask_is_refused_for_batchnorm_networks():
+    """Padded rows would enter BatchNorm's batch statistics; without BatchNorm a mask is exact."""
+    spec = dataclasses.replace(_spec(), model_name="ConvNetBN")
+    model = models.get_model("ConvNetBN", 3, IMAGE_SHAPE)
+    state = evaluation.init_eval_state(jax.random.PRNGKey(0), model, spec)
+    batch = {"images": jnp.zeros((4,) + IMAGE_SHAPE), "labels": jnp.zeros((4,), jnp.int32),
+             "mask": jnp.array([True, True, True, False])}
+    with pytest.raises(ValueError, match="'mask' with ConvNetBN, a BatchNorm network"):
+        evaluation.eval_train_step(state, batch, jax.random.PRNGKey(1), 0.1, model=model,
+                                   spec=spec)
+
+
+def test_count_correct_counts_every_test_image():
     spec = _spec(test_batch_size=4)
     model = models.get_model("ConvNetW8", 3, IMAGE_SHAPE)
     state = evaluation.init_eval_state(jax.random.PRNGKey(0), model, spec)
@@ -68,14 +81,11 @@ def test_test_accuracy_counts_every_test_image():
     predicted = np.asarray(jnp.argmax(logits, -1))
     # Labels equal to the predictions: 11 of 11 correct, so the padded 12th slot is not counted
     # and no tail image is dropped.
-    correct = evaluation.test_accuracy(state, test_images, jnp.asarray(predicted), PREP,
-                                       model=model, spec=spec)
-    assert int(correct) == 11
+    count = jax.jit(functools.partial(evaluation.count_correct, model=model, spec=spec))
+    assert int(count(state, test_images, jnp.asarray(predicted), PREP)) == 11
     wrong = (predicted + 1) % 3
     wrong[:5] = predicted[:5]
-    correct = evaluation.test_accuracy(state, test_images, jnp.asarray(wrong), PREP,
-                                       model=model, spec=spec)
-    assert int(correct) == 5
+    assert int(count(state, test_images, jnp.asarray(wrong), PREP)) == 5
 
 
 def _toy_problem():

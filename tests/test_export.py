@@ -60,6 +60,14 @@ def test_npz_round_trip_through_load_synthetic(tmp_path):
     assert doubled.method == "bacon" and doubled.ipc == 2
     with pytest.raises(FileNotFoundError, match="synthetic.npz"):
         bacon_jax.load_synthetic(str(tmp_path), exp=0)
+    # exp picks among a workdir's experiments; with one set it would be ignored, so it is refused.
+    for one_set in (exp_dir, exp_dir / "synthetic.npz"):
+        with pytest.raises(ValueError, match="exp=1 picks one of a workdir's experiments"):
+            bacon_jax.load_synthetic(str(one_set), exp=1)
+    # jit-safe preprocessing of a traced set equals the host-side Preprocessing.
+    pixels = np.arange(80, dtype=np.uint8).reshape(5, 4, 4, 1)
+    np.testing.assert_allclose(jax.jit(lambda s, x: s.preprocess(x))(by_path, pixels),
+                               by_path.preprocessing.preprocess(pixels), rtol=1e-6)
 
 
 def test_npz_without_expansion_trains_on_stored_images(tmp_path):
@@ -101,6 +109,8 @@ def test_to_pixels_inverts_zca(tmp_path):
     np.testing.assert_array_equal(loaded.zca_matrix, zca_matrix)
     np.testing.assert_array_equal(loaded.zca_mean, zca_mean)
     assert loaded.preprocessing.is_zca
+    np.testing.assert_allclose(jax.jit(lambda s, x: s.preprocess(x))(loaded, images), whitened,
+                               atol=1e-5)
     np.testing.assert_allclose(loaded.pixels(), images / 255.0, atol=1e-4)
 
 

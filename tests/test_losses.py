@@ -168,6 +168,25 @@ def test_real_features_are_constants(loss_name):
     chex.assert_trees_all_equal(grad_real, jnp.zeros_like(real))
 
 
+@pytest.mark.parametrize("loss_name", sorted(losses.MATCHING_LOSSES))
+@pytest.mark.parametrize("syn_shape, real_shape, mask_shape, named", [
+    ((6, 16), (10, 32), None, r"\(6, 16\) and \(10, 32\)"),  # different feature widths
+    ((16,), (10, 16), None, r"\(16,\) and \(10, 16\)"),  # one image's features, not a batch
+    ((6, 16), (10, 16), (9,), r"real_mask must have shape \(10,\).*\(9,\)"),
+])
+def test_bad_feature_shapes_are_named(loss_name, syn_shape, real_shape, mask_shape, named):
+    loss = losses.MATCHING_LOSSES[loss_name]
+    mask = None if mask_shape is None else jnp.ones(mask_shape, bool)
+    with pytest.raises(ValueError, match=named):
+        loss(jnp.ones(syn_shape), jnp.ones(real_shape), mask)
+
+
+def test_bacon_loss_of_one_real_row_is_nan_as_documented():
+    """The unbiased std of one row is NaN (torch.std's too); the module docstring says so."""
+    assert np.isnan(losses.bacon_loss(features(1, 4, 8), features(2, 1, 8)))
+    assert np.isfinite(losses.bacon_loss(features(1, 4, 8), features(2, 2, 8)))
+
+
 def test_mmd_gradient():
     syn, real = features(14, 6, 16), features(15, 10, 16, scale=1.3)
     grad = jax.grad(losses.mmd_loss)(syn, real)
