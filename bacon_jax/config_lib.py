@@ -176,10 +176,11 @@ def check_method_defaults(config):
     if recorded and recorded != config.method:
         raise ValueError(
             f"config.method is {config.method!r} but the config holds the settings of "
-            f"{recorded!r} (config.method_defaults). Choose the method in the config argument, "
-            f"e.g. --config=configs/mnist.py:ipc10,method={config.method} or "
-            f"load_config_file(path, 'ipc10,method={config.method}'); to run {config.method!r} "
-            f"with {recorded!r}'s settings on purpose, also set method_defaults={config.method}."
+            f"{recorded!r} (config.method_defaults). Choose the method in the config argument: "
+            f"--config=configs/<dataset>.py:<preset>,method={config.method}, or in Python "
+            f"load_config_file(path, '<preset>,method={config.method}'). To keep the settings of "
+            f"{recorded} under method {config.method} on purpose, also set "
+            f"method_defaults={config.method}."
         )
 
 

@@ -233,7 +233,7 @@ def test_method_changed_after_build_is_refused(later):
         config_lib.validate(config)
     message = str(error.value)
     assert f"config.method is '{later}' but the config holds the settings of 'bacon'" in message
-    assert f"configs/mnist.py:ipc10,method={later}" in message
+    assert f"configs/<dataset>.py:<preset>,method={later}" in message
     config.method_defaults = later  # on purpose: BACON's settings under another method
     config_lib.validate(config)
 
