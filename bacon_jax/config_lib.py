@@ -179,8 +179,8 @@ def check_method_defaults(config):
             f"{recorded!r} (config.method_defaults). Choose the method in the config argument: "
             f"--config=configs/<dataset>.py:<preset>,method={config.method}, or in Python "
             f"load_config_file(path, '<preset>,method={config.method}'). To keep the settings of "
-            f"{recorded} under method {config.method} on purpose, also set "
-            f"method_defaults={config.method}."
+            f"{recorded} under method {config.method} on purpose, also set method_defaults='' "
+            f"(no record)."
         )
 
 
@@ -255,7 +255,8 @@ def check_config_flags(argv, flag="config"):
     `--config=path:arg` file of `argv` and names the unknown field and the fields next to it. It
     reads the override forms ml_collections accepts (`-`/`--`, `no` prefix, `=value` or a separate
     value) and expands `--flagfile`s first. Anything it cannot judge (no or unloadable --config)
-    is left to the flag parser.
+    is left to the flag parser. A `--config.method` that differs from the config argument's method
+    is refused here too (`check_method_defaults`), before anything runs.
     """
     import re
 
@@ -266,7 +267,7 @@ def check_config_flags(argv, flag="config"):
     except flags.Error:  # the flag parser reports it
         return
     file_flag = re.compile(rf"^--?{flag}(?:=(.*))?$")
-    override = re.compile(rf"^--?(?:no)?{flag}\.([^=]+)")
+    override = re.compile(rf"^--?(?:no)?{flag}\.([^=]+)(?:=(.*))?$")
     config = None
     for index, item in enumerate(argv):
         match = file_flag.match(item)
@@ -279,10 +280,20 @@ def check_config_flags(argv, flag="config"):
         config = load_config_file(path, arg or None)
     except Exception:  # the flag parser reports the file's own error
         return
-    for item in argv:
+    overridden = {}
+    for index, item in enumerate(argv):
         match = override.match(item)
         if match:
             _field_parent(config, match.group(1))
+            value = match.group(2)
+            if value is None and index + 1 < len(argv) and not argv[index + 1].startswith("-"):
+                value = argv[index + 1]
+            overridden[match.group(1)] = value
+    if overridden.get("method") is not None:
+        config.method = choose("method", overridden["method"], METHODS)
+        if "method_defaults" in overridden:
+            config.method_defaults = overridden["method_defaults"] or ""
+        check_method_defaults(config)
 
 
 def parse_flags(argv):

@@ -105,8 +105,10 @@ def spec_from_config(config, dataset_spec, max_class_size, mesh=None):
         mesh: devices the step is mapped over (`parallel.make_mesh`); None = all devices.
 
     Returns:
-        A `DistillSpec`; it raises a ValueError naming an unknown method or image update.
+        A `DistillSpec`. A ValueError names an unknown method or image update, or a `method`
+        changed after the config was built (`config_lib.check_method_defaults`).
     """
+    config_lib.check_method_defaults(config)
     return DistillSpec(
         method=config.method,
         num_classes=dataset_spec.num_classes,
@@ -641,11 +643,14 @@ def distill_step(state, real, teachers=None, *, model, spec, teacher_model=None)
 
     Returns:
         (new_state, metrics), metrics a dict of scalars: `loss` (the class objective), `match_loss`,
-        `ce_loss` (the synthetic CE before its multiplier; computed, and logged, even when the
-        multiplier is 0) and `cmi_loss`, each the mean over classes; `ce_multiplier` (ce_weight x
+        `ce_loss` (the synthetic CE before its multiplier, also while the multiplier is 0;
+        0 for DM and with `syn_ce=False`) and `cmi_loss`, each the mean over classes; `ce_multiplier` (ce_weight x
         the matching net's meter accuracy in percent, 0 for DM); `image_rms` of the updated images;
         and for IDM/BACON `pool_size`. The images to evaluate are `synthetic_set(new_state, spec)`.
     """
+    if spec.method == "random":
+        raise ValueError("method 'random' has no distillation step: its set is the initialisation "
+                         "(init_state / synthetic_set). Choose dm, idm or bacon to distill.")
     it_key = jax.random.fold_in(state.key, state.step)
     params, ce_multiplier, pool = _select_network(state, it_key, model, spec)
     teacher = None

@@ -12,8 +12,9 @@ def get_base_config():
     config = ml_collections.ConfigDict()
     config.method = "bacon"  # contract: random | dm | idm | bacon
     # The method whose reference settings the other fields hold (config_lib.build sets it with the
-    # `method=` of the config argument). validate() refuses a config whose `method` differs, e.g.
-    # after `--config.method=dm` or `config.method = "dm"`, which would run DM with BACON's settings.
+    # `method=` of the config argument). A config whose `method` differs is refused, e.g. after
+    # `--config.method=dm` or `config.method = "dm"`, which would run DM with BACON's settings;
+    # '' = no record (a deliberate mix).
     config.method_defaults = "bacon"
     config.ipc = 10  # contract: images per class
     config.iterations = 20000  # contract: distillation passes; the reported set is after this many

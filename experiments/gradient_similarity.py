@@ -19,7 +19,6 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
-import numpy as np
 
 from bacon_jax import checkpointing, config_lib, data, distill, models, train
 

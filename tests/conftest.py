@@ -24,9 +24,9 @@ def pytest_configure(config):
     if _CACHE_ENV not in os.environ:
         os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="bacon_jax_test_xla_cache_")
         config.stash[_OWNED] = os.environ[_CACHE_ENV]
+    # jax caches only programs that took at least jax_persistent_cache_min_compile_time_secs (1 s by
+    # default) to compile; smaller ones compile faster than they load.
     jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
-    # Only programs worth it: small ones compile faster than they load.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def pytest_unconfigure(config):

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from bacon_jax import config_lib, data, models
+from bacon_jax import config_lib, data, distill, models
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 # Every config file, found on disk so that a new one is covered automatically.
@@ -234,7 +234,7 @@ def test_method_changed_after_build_is_refused(later):
     message = str(error.value)
     assert f"config.method is '{later}' but the config holds the settings of 'bacon'" in message
     assert f"configs/<dataset>.py:<preset>,method={later}" in message
-    config.method_defaults = later  # on purpose: BACON's settings under another method
+    config.method_defaults = ""  # no record: BACON's settings under another method, on purpose
     config_lib.validate(config)
 
 
@@ -423,6 +423,33 @@ def test_known_fields_given_as_flags_pass_the_check(tmp_path):
     message = _error(lambda: config_lib.check_config_flags(
         ["run.py", "--config", f"{CONFIG_DIR / 'cifar10.py'}:ipc10", "--config.lr_img.x", "2"]))
     assert "'lr_img.x'" in message and "'lr_img' is a value" in message
+
+
+@pytest.mark.parametrize("flags, refused", [
+    (["--config.method=dm"], True),  # DM with BACON's settings
+    (["--config.method", "idm"], True),
+    (["--config.method=bacon"], False),  # the method the settings are for
+    (["--config.method=dm", "--config.method_defaults="], False),  # a deliberate mix, on record
+])
+def test_method_given_as_a_flag(flags, refused):
+    argv = ["run.py", f"--config={CONFIG_DIR / 'mnist.py'}:ipc10", *flags]
+    if refused:
+        message = _error(lambda: config_lib.check_config_flags(argv))
+        assert "the config holds the settings of 'bacon'" in message
+        assert "configs/<dataset>.py:<preset>,method=" in message
+    else:
+        config_lib.check_config_flags(argv)
+    message = _error(lambda: config_lib.check_config_flags([*argv[:2], "--config.method=BACON"]))
+    assert "Unknown method 'BACON'" in message
+
+
+def test_method_changed_in_python_is_refused_by_spec_from_config():
+    config = get_config("digits", "ipc10")  # DM's settings
+    config.method = "bacon"
+    with pytest.raises(ValueError, match="holds the settings of 'dm'"):
+        distill.spec_from_config(config, data.DATASETS["digits"], 100)
+    config.method_defaults = ""  # no record: a deliberate mix passes
+    assert distill.spec_from_config(config, data.DATASETS["digits"], 100).method == "bacon"
 
 
 def test_scripts_report_an_unknown_field_flag_without_a_traceback(tmp_path):

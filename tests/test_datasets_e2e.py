@@ -98,8 +98,8 @@ def test_config_reaches_first_distillation_step(name, tmp_path, request):
     _check_dataset(config, dataset)
     # What train.run_experiment builds before its first step, traced instead of compiled.
     real = distill.real_data_from_dataset(dataset)
-    max_class = int(np.bincount(dataset.y_train).max())
-    spec = distill.spec_from_config(config, dataset.spec, max_class, mesh=train.make_mesh(config))
+    spec = distill.spec_from_config(config, dataset.spec, dataset.max_class_size,
+                                    mesh=train.make_mesh(config))
     model = models.get_model(config.model, dataset.num_classes, dataset.image_shape)
     state = jax.eval_shape(
         functools.partial(distill.init_state, model=model, spec=spec), jax.random.PRNGKey(0), real

@@ -646,3 +646,13 @@ def test_result_does_not_depend_on_the_cpu_loop_structure():
 def test_spec_refuses_unknown_method_and_image_update(field, value, allowed):
     with pytest.raises(ValueError, match=f"Unknown {field} '{value}'; allowed: {allowed}"):
         dataclasses.replace(make_spec("bacon"), **{field: value})
+
+
+def test_random_has_no_distillation_step():
+    """A `method=random` spec would otherwise be optimised as DM (no pool, the mmd loss)."""
+    spec = make_spec("random")
+    state = jax.eval_shape(functools.partial(distill.init_state, model=MODEL, spec=spec),
+                           jax.random.PRNGKey(0), REAL)
+    with pytest.raises(ValueError, match="method 'random' has no distillation step"):
+        jax.eval_shape(functools.partial(distill.distill_step, model=MODEL, spec=spec), state,
+                       REAL)
