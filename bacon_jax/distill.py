@@ -642,11 +642,12 @@ def distill_step(state, real, teachers=None, *, model, spec, teacher_model=None)
         teacher_model: the teachers' module (static), with `teachers`.
 
     Returns:
-        (new_state, metrics), metrics a dict of scalars: `loss` (the class objective), `match_loss`,
-        `ce_loss` (the synthetic CE before its multiplier, also while the multiplier is 0;
-        0 for DM and with `syn_ce=False`) and `cmi_loss`, each the mean over classes; `ce_multiplier` (ce_weight x
-        the matching net's meter accuracy in percent, 0 for DM); `image_rms` of the updated images;
-        and for IDM/BACON `pool_size`. The images to evaluate are `synthetic_set(new_state, spec)`.
+        (new_state, metrics), metrics a dict of scalars: `loss` (the class objective),
+        `match_loss`, `ce_loss` (the synthetic CE before its multiplier, also while the multiplier
+        is 0; 0 for DM and with `syn_ce=False`) and `cmi_loss`, each the mean over classes;
+        `ce_multiplier` (ce_weight x the matching net's meter accuracy in percent, 0 for DM);
+        `image_rms` of the updated images; and for IDM/BACON `pool_size`. The images to evaluate
+        are `synthetic_set(new_state, spec)`.
     """
     if spec.method == "random":
         raise ValueError("method 'random' has no distillation step: its set is the initialisation "

@@ -64,10 +64,10 @@ def test_npz_round_trip_through_load_synthetic(tmp_path):
     for one_set in (exp_dir, exp_dir / "synthetic.npz"):
         with pytest.raises(ValueError, match="exp=1 picks one of a workdir's experiments"):
             bacon_jax.load_synthetic(str(one_set), exp=1)
-    # jit-safe preprocessing of a traced set equals the host-side Preprocessing.
+    # jit-safe preprocessing of a traced set: (x / 255 - mean) / std with the set's statistics.
     pixels = np.arange(80, dtype=np.uint8).reshape(5, 4, 4, 1)
     np.testing.assert_allclose(jax.jit(lambda s, x: s.preprocess(x))(by_path, pixels),
-                               by_path.preprocessing.preprocess(pixels), rtol=1e-6)
+                               (pixels / 255.0 - 0.5) / 0.25, rtol=1e-6)
 
 
 def test_npz_without_expansion_trains_on_stored_images(tmp_path):
@@ -109,8 +109,10 @@ def test_to_pixels_inverts_zca(tmp_path):
     np.testing.assert_array_equal(loaded.zca_matrix, zca_matrix)
     np.testing.assert_array_equal(loaded.zca_mean, zca_mean)
     assert loaded.preprocessing.is_zca
-    np.testing.assert_allclose(jax.jit(lambda s, x: s.preprocess(x))(loaded, images), whitened,
-                               atol=1e-5)
+    # Traced too: the whitening (x / 255 - zca_mean) @ zca_matrix on the flattened image.
+    expected = ((images.reshape(5, -1) / 255.0 - zca_mean) @ zca_matrix).reshape(images.shape)
+    np.testing.assert_allclose(jax.jit(lambda s, x: s.preprocess(x))(loaded, images), expected,
+                               atol=1e-4)
     np.testing.assert_allclose(loaded.pixels(), images / 255.0, atol=1e-4)
 
 
