@@ -63,11 +63,15 @@ def term_gradients(class_images, class_id, key, params, real, model, spec):
     with multiplier m is exactly the gradient the engine applies for a net whose multiplier is m.
     """
     with_ce = dataclasses.replace(spec, syn_ce=True)
+    class_id = jnp.asarray(class_id, jnp.int32)
     grad = lambda multiplier: distill.class_objective(
-        class_images, jnp.asarray(class_id, jnp.int32), key, params, jnp.float32(multiplier), real, model,
-        with_ce)[0]
+        class_images, class_id, key, params, jnp.float32(multiplier), real, model, with_ce)[0]
     match = grad(0.0)
     return match, grad(1.0) - match
+
+
+# Compiled once per (model, spec), whichever call and round asks for it.
+_train_pool = jax.jit(distill.train_pool, static_argnames=("model", "spec"))
 
 
 def train_fresh_net(pool, key, num_rounds, real, model, spec):
@@ -77,10 +81,10 @@ def train_fresh_net(pool, key, num_rounds, real, model, spec):
     exactly the engine's training and its meter counts every step. Other slots are untouched.
     """
     one_net = dataclasses.replace(spec, fetch_net_num=1)
-    train_round = jax.jit(lambda p, k: distill.train_pool(p, k, real, model, one_net))
     size = pool.size
     for r in range(num_rounds):
-        pool = train_round(pool.replace(size=jnp.ones_like(size)), jax.random.fold_in(key, r))
+        pool = _train_pool(pool.replace(size=jnp.ones_like(size)), jax.random.fold_in(key, r),
+                           real, model=model, spec=one_net)
     return pool.replace(size=size)
 
 
