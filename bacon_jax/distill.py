@@ -184,6 +184,14 @@ class RealData:
         return self.preprocessing.preprocess(self.images[indices])
 
 
+def check_real_data(real):
+    """Raises TypeError unless `real` is RealData (a host data.Dataset must be moved first)."""
+    if not isinstance(real, RealData):
+        hint = (" Convert a data.Dataset with distill.real_data_from_dataset(dataset)."
+                if isinstance(real, data.Dataset) else "")
+        raise TypeError(f"real must be distill.RealData, got {type(real).__name__}.{hint}")
+
+
 def real_data_from_dataset(dataset):
     """Moves a host data.Dataset's training split to the device as RealData."""
     index, count = data.class_index(dataset.y_train, dataset.spec.num_classes)
@@ -352,6 +360,7 @@ def init_state(key, real, model, spec):
         DistillState with step 0, replicated over `spec.mesh` as `distill_step`'s outputs are (so
         the jitted step does not compile a second time for its own outputs).
     """
+    check_real_data(real)
     images, labels = init_synthetic_images(jax.random.fold_in(key, 0), real, spec)
     pool = init_pool(jax.random.fold_in(key, 1), model, spec) if spec.uses_pool else None
     state = DistillState(
@@ -457,6 +466,7 @@ def train_pool(pool, key, real, model, spec):
     The nets train side by side (vmap), or one after another when `spec.pool_nets_one_by_one`
     (XLA:CPU at pool batches of 64 or more, where vmapped convolutions are slower); same maths.
     """
+    check_real_data(real)
     capacity = pool.correct.shape[0]
     slots = _pick_distinct_slots(
         jax.random.fold_in(key, 0), pool.size, capacity, spec.fetch_net_num
@@ -508,6 +518,7 @@ def class_objective(class_images, class_id, key, params, ce_multiplier, real, mo
     Returns:
         (grad [ipc, H, W, ch], metrics dict of scalars).
     """
+    check_real_data(real)
     sample_key, dsa_key = jax.random.split(key)
     indices, mask = data.sample_class_indices(
         sample_key, real.class_index[class_id], real.class_count[class_id], spec.batch_real
@@ -652,6 +663,7 @@ def distill_step(state, real, teachers=None, *, model, spec, teacher_model=None)
     if spec.method == "random":
         raise ValueError("method 'random' has no distillation step: its set is the initialisation "
                          "(init_state / synthetic_set). Choose dm, idm or bacon to distill.")
+    check_real_data(real)
     it_key = jax.random.fold_in(state.key, state.step)
     params, ce_multiplier, pool = _select_network(state, it_key, model, spec)
     teacher = None

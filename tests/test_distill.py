@@ -656,3 +656,23 @@ def test_random_has_no_distillation_step():
     with pytest.raises(ValueError, match="method 'random' has no distillation step"):
         jax.eval_shape(functools.partial(distill.distill_step, model=MODEL, spec=spec), state,
                        REAL)
+
+
+def test_host_dataset_where_real_data_is_expected_is_refused():
+    """A data.Dataset is not a pytree: without the check jit fails with its own, unhelpful error."""
+    spec = make_spec("bacon")
+    dataset = data.Dataset(DATASET_SPEC, np.zeros((4,) + IMAGE_SHAPE, np.uint8),
+                           np.arange(4, dtype=np.int32), np.zeros((4,) + IMAGE_SHAPE, np.uint8),
+                           np.arange(4, dtype=np.int32))
+    state = jax.eval_shape(functools.partial(distill.init_state, model=MODEL, spec=spec),
+                           jax.random.PRNGKey(0), REAL)
+    hint = r"got Dataset\. Convert a data\.Dataset with distill\.real_data_from_dataset"
+    with pytest.raises(TypeError, match=hint):
+        distill.init_state(jax.random.PRNGKey(0), dataset, MODEL, spec)
+    with pytest.raises(TypeError, match=hint):
+        distill.distill_step(state, dataset, model=MODEL, spec=spec)
+    with pytest.raises(TypeError, match=hint):
+        distill.train_pool(state.pool, jax.random.PRNGKey(0), dataset, MODEL, spec)
+    with pytest.raises(TypeError, match=r"real must be distill\.RealData, got dict\.$"):
+        distill.class_objective(jnp.zeros((IPC,) + IMAGE_SHAPE), 0, jax.random.PRNGKey(0), None, 0.0,
+                                {"images": None}, MODEL, spec)
