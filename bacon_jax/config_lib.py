@@ -199,6 +199,11 @@ def validate(config):
         raise ValueError(f"iterations must be >= 0, got {config.iterations}.")
     if config.eval.every <= 0:
         raise ValueError(f"eval.every must be positive, got {config.eval.every}.")
+    if config.eval.num_eval < 1:
+        raise ValueError(f"eval.num_eval must be >= 1 (fresh networks per evaluation), got "
+                         f"{config.eval.num_eval}.")
+    if config.num_exp < 1:
+        raise ValueError(f"num_exp must be >= 1, got {config.num_exp}.")
     if config.method in ("idm", "bacon"):
         if config.train_net_num != 1:
             raise ValueError(
@@ -299,15 +304,27 @@ def check_config_flags(argv, flag="config"):
 def parse_flags(argv):
     """absl `flags_parser` for scripts with a `--config` file flag: `app.run(main, parse_flags)`.
 
-    Names an unknown `--config.<field>` and the allowed fields, then parses as absl does.
+    Names an unknown `--config.<field>` and the allowed fields, then parses as absl does, then
+    `validate`s the resulting config: a bad value stops the script with one line, no traceback,
+    before anything runs or is written.
     """
     import sys
 
-    from absl import app
+    from absl import app, flags
+
+    def fail(error):
+        sys.stderr.write(f"FATAL Flags parsing error: {error}\n")
+        sys.exit(1)
 
     try:
         check_config_flags(argv)
     except ValueError as error:
-        sys.stderr.write(f"FATAL Flags parsing error: {error}\n")
-        sys.exit(1)
-    return app.parse_flags_with_usage(argv)
+        fail(error)
+    remaining = app.parse_flags_with_usage(argv)
+    config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+    if config is not None:
+        try:
+            validate(config)
+        except ValueError as error:
+            fail(error)
+    return remaining

@@ -452,16 +452,24 @@ def test_method_changed_in_python_is_refused_by_spec_from_config():
     assert distill.spec_from_config(config, data.DATASETS["digits"], 100).method == "bacon"
 
 
-def test_scripts_report_an_unknown_field_flag_without_a_traceback(tmp_path):
+@pytest.mark.parametrize("flag, message", [
+    ("--config.bogus=1", "Unknown config field 'bogus'"),
+    ("--config.eval.num_eval=0", "eval.num_eval must be >= 1"),  # caught by validate()
+    ("--config=CONFIG:ipc10,ipc=7", "Unknown ipc 7; allowed: 1, 10, 50"),
+])
+def test_scripts_report_a_bad_config_flag_without_a_traceback(tmp_path, flag, message):
     workdir = tmp_path / "run"
+    config = f"--config={CONFIG_DIR / 'digits.py'}:ipc10"
+    flags = [flag.replace("CONFIG", str(CONFIG_DIR / "digits.py"))] if "CONFIG" in flag else [
+        config, flag]
     result = subprocess.run(
         [sys.executable, str(CONFIG_DIR.parent / "experiments" / "run.py"),
-         f"--config={CONFIG_DIR / 'digits.py'}:ipc10", f"--workdir={workdir}", "--config.bogus=1"],
+         f"--workdir={workdir}", *flags],
         capture_output=True, text=True, timeout=300, check=False,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
     assert result.returncode == 1
-    assert "FATAL Flags parsing error: Unknown config field 'bogus'" in result.stderr
+    assert f"FATAL Flags parsing error: {message}" in result.stderr
     assert "Traceback" not in result.stderr and not workdir.exists()
 
 
@@ -470,6 +478,8 @@ def test_scripts_report_an_unknown_field_flag_without_a_traceback(tmp_path):
     [
         ("ipc10,iterations=-1", "iterations"),
         ("ipc10,eval.every=0", "eval.every"),
+        ("ipc10,eval.num_eval=0", "eval.num_eval must be >= 1"),
+        ("ipc10,num_exp=0", "num_exp must be >= 1"),
         ("ipc10,train_net_num=2", "train_net_num"),
         ("ipc10,fetch_net_num=5", "fetch_net_num"),
     ],
