@@ -659,7 +659,8 @@ def test_random_has_no_distillation_step():
 
 
 def test_host_dataset_where_real_data_is_expected_is_refused():
-    """A data.Dataset is not a pytree: without the check jit fails with its own, unhelpful error."""
+    """Without the check a host data.Dataset fails deep inside (AttributeError) or in jit's pytree
+    flattening; the error must name the type and the conversion."""
     spec = make_spec("bacon")
     dataset = data.Dataset(DATASET_SPEC, np.zeros((4,) + IMAGE_SHAPE, np.uint8),
                            np.arange(4, dtype=np.int32), np.zeros((4,) + IMAGE_SHAPE, np.uint8),
