@@ -214,11 +214,11 @@ def _reset_momentum(state):
     return state.replace(momentum=sgd.init_momentum(state.params))
 
 
-def train_and_test(key, images, labels, test_images, test_labels, preprocessing, *, model, spec):
-    """Trains one fresh network with the full schedule in one compiled loop; returns test correct.
+def train_network(key, images, labels, *, model, spec):
+    """Trains one fresh network with the full schedule in one compiled loop; returns its EvalState.
 
-    This is the fused form used on accelerators; `evaluate_synthetic` drives the same pieces
-    epoch by epoch from Python on CPU (see EvalSpec.fuse_epochs).
+    This is the fused form used on accelerators; `train_networks` drives the same pieces epoch by
+    epoch from Python on CPU (see EvalSpec.fuse_epochs).
     """
     init_key, train_key = jax.random.split(key)
     state = init_eval_state(init_key, model, spec)
@@ -236,7 +236,7 @@ def train_and_test(key, images, labels, test_images, test_labels, preprocessing,
             state,
         )
         epoch += num_epochs
-    return count_correct(state, test_images, test_labels, preprocessing, model=model, spec=spec)
+    return state
 
 
 def _over_nets(fn, spec, num_replicated):
@@ -249,16 +249,13 @@ def _over_nets(fn, spec, num_replicated):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "spec"))
-def _fused(keys, images, labels, test_images, test_labels, preprocessing, model, spec):
-    def local(keys, images, labels, test_images, test_labels, preprocessing):
+def _fused(keys, images, labels, model, spec):
+    def local(keys, images, labels):
         return jax.vmap(
-            lambda k: train_and_test(
-                k, images, labels, test_images, test_labels, preprocessing, model=model, spec=spec
-            )
+            lambda k: train_network(k, images, labels, model=model, spec=spec)
         )(keys)
 
-    return _over_nets(local, spec, 5)(keys, images, labels, test_images, test_labels,
-                                      preprocessing)
+    return _over_nets(local, spec, 2)(keys, images, labels)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "spec"))
@@ -301,8 +298,11 @@ def _reset_all_momenta(states, spec):
     return _over_nets(jax.vmap(_reset_momentum), spec, 0)(states)
 
 
-def _stepwise(keys, images, labels, test_images, test_labels, preprocessing, model, spec):
-    """The same computation as `_fused`, with the epoch loop in Python (fast on XLA:CPU)."""
+def _stepwise(keys, images, labels, model, spec, progress=None):
+    """The same training as `_fused`, with the epoch loop in Python (fast on XLA:CPU).
+
+    `progress(epochs)` is called after every epoch with the number of epochs just run.
+    """
     split = jax.vmap(jax.random.split)(keys)
     states = _init_many(split[:, 0], model, spec)
     train_keys = split[:, 1]
@@ -314,25 +314,49 @@ def _stepwise(keys, images, labels, test_images, test_labels, preprocessing, mod
         lr = jnp.float32(spec.lr * factor)
         for e in range(epoch, epoch + num_epochs):
             states = _epoch_many(states, train_keys, e, lr, images, labels, model, spec)
+            if progress is not None:
+                progress(1)
         epoch += num_epochs
-    return _test_many(states, test_images, test_labels, preprocessing, model, spec)
+    return states
 
 
-def evaluate_synthetic(key, images, labels, test_images, test_labels, preprocessing, num_eval,
-                       spec):
-    """Accuracies (fractions) of `num_eval` fresh networks trained on a synthetic set.
+@dataclasses.dataclass(frozen=True)
+class TrainedNetworks:
+    """`num_eval` evaluation networks trained on one synthetic set (`train_networks`).
+
+    Attributes:
+        groups: the trained EvalStates, one stacked pytree per group of networks trained together
+            (split over `spec.mesh`), padding networks included.
+        num_eval: how many of the networks are real (the rest pad the last group).
+        model: the networks' module.
+        spec: the EvalSpec they were trained with (its mesh fitted to `num_eval`).
+    """
+
+    groups: tuple
+    num_eval: int
+    model: Any
+    spec: EvalSpec
+
+
+def _on_mesh(tree, mesh, partition):
+    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, partition))
+
+
+def train_networks(key, images, labels, num_eval, spec, *, progress=None):
+    """Trains `num_eval` fresh networks on a synthetic set with the protocol of SPEC 8.
 
     Args:
         key: PRNG key; network j uses fold_in(key, j) for its init, shuffles and DSA.
         images: [N, H, W, C] training images in model input space (already expanded if needed).
         labels: [N] int32.
-        test_images: [M, H, W, C] uint8 test images; test_labels: [M] int32.
-        preprocessing: data.Preprocessing mapping uint8 test images to model input space.
         num_eval: number of networks (trained side by side, `spec.networks_per_call` per device).
         spec: EvalSpec.
+        progress: optional callable, called on the host with a number of network-epochs just
+            completed (they add up to `num_eval x (spec.epochs + 1)` over the call, padding
+            networks excluded); for progress lines and ETAs.
 
     Returns:
-        numpy array [num_eval] of test accuracies in [0, 1].
+        TrainedNetworks, to score with `accuracy`.
     """
     model = models.get_model(spec.model_name, spec.num_classes, spec.image_shape)
     # Networks are split over just enough devices; padding networks are trained and dropped.
@@ -340,16 +364,54 @@ def evaluate_synthetic(key, images, labels, test_images, test_labels, preprocess
     num_padded = parallel.padded(num_eval, spec.mesh)
     keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(num_padded))
     # The inputs may live on the distillation's (larger) mesh; replicate them onto this one.
-    on_mesh = lambda tree: jax.device_put(
-        tree, jax.sharding.NamedSharding(spec.mesh, parallel.replicated))
-    images, labels, test_images, test_labels, preprocessing = on_mesh(
-        (images, labels, test_images, test_labels, preprocessing))
-    run = _fused if spec.fuse_epochs else _stepwise
+    images, labels = _on_mesh((images, labels), spec.mesh, parallel.replicated)
     group = spec.mesh.size * spec.networks_per_call or num_padded
-    correct = []
+    groups = []
     for start in range(0, num_padded, group):
-        group_keys = jax.device_put(
-            keys[start:start + group], jax.sharding.NamedSharding(spec.mesh, parallel.split))
-        correct.append(parallel.gather(run(group_keys, images, labels, test_images, test_labels,
-                                           preprocessing, model, spec)))
-    return np.concatenate(correct)[:num_eval] / test_images.shape[0]
+        real_in_group = max(0, min(num_eval - start, group))
+        group_keys = _on_mesh(keys[start:start + group], spec.mesh, parallel.split)
+        if spec.fuse_epochs:
+            groups.append(_fused(group_keys, images, labels, model, spec))
+            if progress is not None:
+                progress(real_in_group * (spec.epochs + 1))
+        else:
+            report = None
+            if progress is not None:
+                report = lambda epochs, n=real_in_group: progress(epochs * n)
+            groups.append(_stepwise(group_keys, images, labels, model, spec, report))
+    return TrainedNetworks(groups=tuple(groups), num_eval=num_eval, model=model, spec=spec)
+
+
+def accuracy(trained, test_images, test_labels, preprocessing):
+    """Test accuracies (fractions) of trained networks: one pass over the whole set, nothing dropped.
+
+    Args:
+        trained: TrainedNetworks from `train_networks`.
+        test_images: [M, H, W, C] uint8 images; test_labels: [M] int32.
+        preprocessing: data.Preprocessing mapping the uint8 images to model input space.
+
+    Returns:
+        numpy array [num_eval] of accuracies in [0, 1].
+    """
+    mesh = trained.spec.mesh
+    test_images, test_labels, preprocessing = _on_mesh(
+        (test_images, test_labels, preprocessing), mesh, parallel.replicated)
+    correct = [
+        parallel.gather(_test_many(states, test_images, test_labels, preprocessing,
+                                   trained.model, trained.spec))
+        for states in trained.groups
+    ]
+    return np.concatenate(correct)[:trained.num_eval] / test_images.shape[0]
+
+
+def evaluate_synthetic(key, images, labels, test_images, test_labels, preprocessing, num_eval,
+                       spec, *, progress=None):
+    """Accuracies (fractions) of `num_eval` fresh networks trained on a synthetic set.
+
+    `train_networks` then `accuracy` on the test set (see them for the arguments).
+
+    Returns:
+        numpy array [num_eval] of test accuracies in [0, 1].
+    """
+    trained = train_networks(key, images, labels, num_eval, spec, progress=progress)
+    return accuracy(trained, test_images, test_labels, preprocessing)

@@ -99,14 +99,24 @@ def _toy_problem():
 
 def test_fused_and_stepwise_loops_agree():
     images, labels, test_images, test_labels = _toy_problem()
-    model = models.get_model("ConvNetW8", 3, IMAGE_SHAPE)
-    keys = jax.random.split(jax.random.PRNGKey(5), parallel.padded(2, parallel.make_mesh()))
-    args = (keys, images, labels, test_images, test_labels, PREP, model)
     spec = _spec(dsa_families=("crop", "flip"))
-    fused = evaluation._fused(*args, dataclasses.replace(spec, fuse_epochs=True,
-                                                         unroll_loops=False))
-    stepwise = evaluation._stepwise(*args, spec)
-    np.testing.assert_array_equal(np.asarray(fused), np.asarray(stepwise))
+    run = lambda spec: evaluation.evaluate_synthetic(
+        jax.random.PRNGKey(5), images, labels, test_images, test_labels, PREP, 2, spec)
+    fused = run(dataclasses.replace(spec, fuse_epochs=True, unroll_loops=False))
+    stepwise = run(dataclasses.replace(spec, fuse_epochs=False))
+    np.testing.assert_array_equal(fused, stepwise)
+
+
+def test_progress_counts_every_network_epoch():
+    images, labels, test_images, test_labels = _toy_problem()
+    for fuse in (True, False):
+        reported = []
+        spec = _spec(epochs=2, fuse_epochs=fuse, unroll_loops=not fuse, networks_per_call=1)
+        trained = evaluation.train_networks(jax.random.PRNGKey(0), images, labels, 3, spec,
+                                            progress=reported.append)
+        assert sum(reported) == 3 * 3, (fuse, reported)
+        accuracies = evaluation.accuracy(trained, test_images, test_labels, PREP)
+        assert accuracies.shape == (3,)
 
 
 def test_epoch_inputs_keep_one_placement():
