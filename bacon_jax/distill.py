@@ -26,7 +26,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from bacon_jax import augment, config_lib, data, loops, losses, models, parallel, sgd
+from bacon_jax import augment, backend, config_lib, data, loops, losses, models, parallel, sgd
 
 # fold_in tags of the per-iteration key, one per purpose.
 _NEW_NET, _PICK_NET, _CLASSES, _POOL_PICK, _POOL_TRAIN, _FRESH_NET, _TEACHER = range(7)
@@ -67,6 +67,10 @@ class DistillSpec:
     # convolutions vmapped over per-net weights as grouped convolutions, ~2x slower per net at
     # real batch sizes; for tiny batches the vmapped form compiles faster. Same maths either way.
     pool_nets_one_by_one: bool = False
+    # Build the ConvNet's instance-norm blocks from fused.py (same parameters and maths; faster
+    # on XLA:CPU) and jit with these XLA compile options (backend.py).
+    fused_blocks: bool = False
+    compiler_options: tuple = ()
     # Devices the step is mapped over (parallel.py); None = all devices.
     mesh: Optional[Any] = None
     # CMI regularizer weight (SPEC 7, A8); 0 = off. Needs a teacher passed to distill_step.
@@ -134,24 +138,13 @@ def spec_from_config(config, dataset_spec, max_class_size, mesh=None):
         net_momentum=float(config.net_momentum),
         net_weight_decay=float(config.net_weight_decay),
         meter_reset_every=int(config.eval.every),
-        unroll_loops=unroll_loops(config),
-        pool_nets_one_by_one=unroll_loops(config) and int(config.trained_bs) >= 64,
+        unroll_loops=backend.unroll_loops(config),
+        pool_nets_one_by_one=backend.unroll_loops(config) and int(config.trained_bs) >= 64,
+        fused_blocks=backend.fused_blocks(config),
+        compiler_options=backend.compiler_options(config),
         mesh=mesh,
         cmi_weight=float(config.cmi.weight) if "cmi" in config else 0.0,
     )
-
-
-def unroll_loops(config):
-    """config.unroll_loops: 'auto' (unroll on CPU only), True or False."""
-    choice = config.get("unroll_loops", "auto")
-    if isinstance(choice, str):
-        choice = choice.strip().lower()
-        allowed = {"auto": jax.default_backend() == "cpu", "true": True, "1": True,
-                   "false": False, "0": False}
-        if choice not in allowed:
-            raise ValueError(f"Unknown unroll_loops {choice!r}; allowed: auto, true, false.")
-        return allowed[choice]
-    return bool(choice)
 
 
 def map_in_chunks(fn, xs, chunk, unroll):

@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bacon_jax import augment, loops, losses, models, parallel, sgd
-from bacon_jax import distill as distill_lib
+from bacon_jax import augment, backend, data, loops, losses, models, parallel, sgd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +47,9 @@ class EvalSpec:
     # network than running them one after another, so on CPU each device trains one at a time.
     # Results are the same either way (network j is keyed by fold_in(key, j)).
     networks_per_call: int = 0
+    # Fused ConvNet blocks and XLA compile options, as DistillSpec (backend.py).
+    fused_blocks: bool = False
+    compiler_options: tuple = ()
     # Devices the networks are split over (parallel.py); None = all devices.
     mesh: Optional[Any] = None
 
@@ -65,9 +67,11 @@ def spec_from_config(config, model_name, dataset_spec, mesh=None):
         weight_decay=float(config.eval.weight_decay),
         dsa_families=tuple(config.dsa_families) if config.eval.dsa else None,
         test_batch_size=int(config.eval.test_batch_size),
-        fuse_epochs=not distill_lib.unroll_loops(config),
-        unroll_loops=distill_lib.unroll_loops(config),
-        networks_per_call=1 if distill_lib.unroll_loops(config) else 0,
+        fuse_epochs=not backend.unroll_loops(config),
+        unroll_loops=backend.unroll_loops(config),
+        networks_per_call=1 if backend.unroll_loops(config) else 0,
+        fused_blocks=backend.fused_blocks(config),
+        compiler_options=backend.compiler_options(config),
         mesh=mesh,
     )
 
@@ -165,7 +169,7 @@ def _train_epoch(state, epoch_key, lr, images, labels, *, model, spec):
     num = images.shape[0]
     full, remainder = divmod(num, spec.batch_size)
     perm_key, dsa_key = jax.random.split(epoch_key)
-    order = jax.random.permutation(perm_key, num)
+    order = data.permutation(perm_key, num)
     step = functools.partial(eval_train_step, model=model, spec=spec)
 
     def run(state, batch_index, indices):
@@ -248,7 +252,7 @@ def _over_nets(fn, spec, num_replicated):
     )
 
 
-@functools.partial(jax.jit, static_argnames=("model", "spec"))
+@backend.jit_by_spec(static_argnames=("model", "spec"))
 def _fused(keys, images, labels, model, spec):
     def local(keys, images, labels):
         return jax.vmap(
@@ -258,13 +262,13 @@ def _fused(keys, images, labels, model, spec):
     return _over_nets(local, spec, 2)(keys, images, labels)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "spec"))
+@backend.jit_by_spec(static_argnames=("model", "spec"))
 def _init_many(keys, model, spec):
     local = lambda keys: jax.vmap(lambda k: init_eval_state(k, model, spec))(keys)
     return _over_nets(local, spec, 0)(keys)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "spec"), donate_argnums=0)
+@backend.jit_by_spec(static_argnames=("model", "spec"), donate_argnums=0)
 def _epoch_many(states, keys, epoch, lr, images, labels, model, spec):
     def local(states, keys, epoch, lr, images, labels):
         return jax.vmap(
@@ -280,7 +284,7 @@ def _epoch_many(states, keys, epoch, lr, images, labels, model, spec):
     )(states, keys, epoch, lr, images, labels)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "spec"))
+@backend.jit_by_spec(static_argnames=("model", "spec"))
 def _test_many(states, test_images, test_labels, preprocessing, model, spec):
     def local(states, test_images, test_labels, preprocessing):
         return jax.vmap(
@@ -291,7 +295,7 @@ def _test_many(states, test_images, test_labels, preprocessing, model, spec):
     return _over_nets(local, spec, 3)(states, test_images, test_labels, preprocessing)
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
+@backend.jit_by_spec(static_argnames=("spec",))
 def _reset_all_momenta(states, spec):
     # Per device like the epochs: the fresh momenta stay split over the networks (XLA would
     # replicate the zeros), so `_epoch_many` sees one placement and compiles once.
@@ -358,7 +362,8 @@ def train_networks(key, images, labels, num_eval, spec, *, progress=None):
     Returns:
         TrainedNetworks, to score with `accuracy`.
     """
-    model = models.get_model(spec.model_name, spec.num_classes, spec.image_shape)
+    model = models.get_model(spec.model_name, spec.num_classes, spec.image_shape,
+                             fused=spec.fused_blocks)
     # Networks are split over just enough devices; padding networks are trained and dropped.
     spec = dataclasses.replace(spec, mesh=parallel.fitted(parallel.resolve(spec.mesh), num_eval))
     num_padded = parallel.padded(num_eval, spec.mesh)

@@ -33,6 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bacon_jax import fused
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -109,15 +111,43 @@ class Conv2d(nn.Module):
                     f"{x.shape[1]}x{x.shape[2]} feature map is too small for a {k}x{k} conv with "
                     f"padding {p}; the input image is too small for this architecture"
                 )
-        kernel = self.param("kernel", TORCH_KERNEL_INIT, (k, k, in_ch, self.features), jnp.float32)
+        kernel, bias = _conv_params(self, k, in_ch, self.features, self.use_bias)
         y = jax.lax.conv_general_dilated(
             x, kernel, window_strides=(s, s), padding=((p, p), (p, p)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
-        if self.use_bias:
-            bias = self.param("bias", torch_bias_init(k * k * in_ch), (self.features,), jnp.float32)
-            y = y + bias
-        return y
+        return y if bias is None else y + bias
+
+
+def _conv_params(module: nn.Module, k: int, in_ch: int, features: int,
+                 use_bias: bool = True) -> tuple[Array, Array | None]:
+    """Declares a conv's `kernel` (HWIO) and `bias` in `module` with PyTorch's initialisation."""
+    kernel = module.param("kernel", TORCH_KERNEL_INIT, (k, k, in_ch, features), jnp.float32)
+    if not use_bias:
+        return kernel, None
+    return kernel, module.param("bias", torch_bias_init(k * k * in_ch), (features,), jnp.float32)
+
+
+class _ConvParams(nn.Module):
+    """A `Conv2d`'s parameters without the conv, for blocks that apply them themselves."""
+
+    features: int
+    kernel_size: int = 3
+
+    @nn.compact
+    def __call__(self, in_ch: int) -> tuple[Array, Array]:
+        return _conv_params(self, self.kernel_size, in_ch, self.features)
+
+
+class _NormParams(nn.Module):
+    """An instance norm's `scale` (1) and `bias` (0), as `nn.GroupNorm` declares them."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self) -> tuple[Array, Array]:
+        scale = self.param("scale", nn.initializers.ones, (self.features,), jnp.float32)
+        return scale, self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
 
 
 class Linear(nn.Module):
@@ -137,13 +167,16 @@ class Linear(nn.Module):
         return x @ kernel + bias
 
 
-def _norm(x: Array, kind: str, train: bool) -> Array:
-    """Applies the named norm layer (call from inside a compact method)."""
+def _norm(x: Array, kind: str, train: bool, name: str | None = None) -> Array:
+    """Applies the named norm layer (call from inside a compact method).
+
+    `name` names an instance norm's module (the fused ConvNet blocks declare theirs by name).
+    """
     if kind == "instancenorm":
         # The reference's GroupNorm(C, C): one group per channel, i.e. per-sample per-channel
         # statistics over H x W, biased variance (SPEC §2.1 item 2).
         return nn.GroupNorm(
-            num_groups=None, group_size=1, epsilon=NORM_EPS, use_fast_variance=False
+            num_groups=None, group_size=1, epsilon=NORM_EPS, use_fast_variance=False, name=name
         )(x)
     if kind == "groupnorm":
         return nn.GroupNorm(num_groups=4, epsilon=NORM_EPS, use_fast_variance=False)(x)
@@ -232,6 +265,7 @@ class _ConvNetTrunk(nn.Module):
     act: str
     norm: str
     pooling: str
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
@@ -239,12 +273,20 @@ class _ConvNetTrunk(nn.Module):
         _check_choice("norm", self.norm, NORMS)
         _check_choice("pooling", self.pooling, POOLINGS)
         one_channel = x.shape[-1] == 1
+        fusible = (self.norm, self.act, self.pooling) == ("instancenorm", "relu", "avgpooling")
         for d in range(self.depth):
             # Padding 3 on the first conv of 1-channel inputs: 28x28 digits get 32x32 geometry
             # (SPEC §2.1 item 1, A6).
             pad = 3 if (one_channel and d == 0) else 1
-            x = Conv2d(self.width, 3, padding=pad)(x)
-            x = _norm(x, self.norm, train)
+            kernel_shape = (3, 3, x.shape[-1], self.width)
+            if self.fused and fusible and fused.supports(x.shape, kernel_shape, pad):
+                # Same parameters (names, shapes, init) and maths as the branch below.
+                kernel, conv_bias = _ConvParams(self.width, name=f"Conv2d_{d}")(x.shape[-1])
+                scale, bias = _NormParams(self.width, name=f"GroupNorm_{d}")()
+                x = fused.conv_norm_relu_pool(x, kernel, conv_bias, scale, bias, pad)
+                continue
+            x = Conv2d(self.width, 3, padding=pad, name=f"Conv2d_{d}")(x)
+            x = _norm(x, self.norm, train, name=f"GroupNorm_{d}")
             x = ACTIVATIONS[self.act](x)
             x = _pool(x, self.pooling)
         return _flatten(x)
@@ -264,6 +306,8 @@ class ConvNet(_FeatureClassifier):
         act: "relu", "sigmoid", "leakyrelu" (slope 0.01) or "swish".
         norm: "instancenorm", "batchnorm", "layernorm", "groupnorm" (4 groups) or "none".
         pooling: "avgpooling", "maxpooling" or "none".
+        fused: compute the instance norm + ReLU + average pool blocks with `fused.py` (same
+            parameters and maths; faster on XLA:CPU). Other block kinds ignore it.
     """
 
     width: int = 128
@@ -271,9 +315,11 @@ class ConvNet(_FeatureClassifier):
     act: str = "relu"
     norm: str = "instancenorm"
     pooling: str = "avgpooling"
+    fused: bool = False
 
     def _make_trunk(self) -> nn.Module:
-        return _ConvNetTrunk(self.width, self.depth, self.act, self.norm, self.pooling)
+        return _ConvNetTrunk(self.width, self.depth, self.act, self.norm, self.pooling,
+                             self.fused)
 
 
 class _MLPTrunk(nn.Module):
@@ -517,7 +563,8 @@ EVAL_POOLS: Mapping[str, tuple[str, ...]] = {
 }
 
 
-def get_model(name: str, num_classes: int, image_shape: Sequence[int]) -> nn.Module:
+def get_model(name: str, num_classes: int, image_shape: Sequence[int],
+              fused: bool = False) -> nn.Module:
     """Builds a registered network.
 
     Layer sizes follow the input (A7), so the module itself is shape-agnostic; `image_shape` is
@@ -527,6 +574,8 @@ def get_model(name: str, num_classes: int, image_shape: Sequence[int]) -> nn.Mod
         name: one of `MODEL_NAMES`.
         num_classes: number of output logits.
         image_shape: (H, W, C) of the inputs.
+        fused: for ConvNets, compute the instance-norm blocks with `fused.py` (same parameters and
+            maths; what `backend.fused_blocks` picks on CPU). Ignored by other networks.
 
     Returns:
         An unbound flax module whose `__call__(x, train=False)` gives logits.
@@ -540,7 +589,8 @@ def get_model(name: str, num_classes: int, image_shape: Sequence[int]) -> nn.Mod
         raise ValueError(f"image_shape must be (H, W, C) with positive sizes, got {image_shape}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
-    return _REGISTRY[name](num_classes)
+    model = _REGISTRY[name](num_classes)
+    return model.clone(fused=True) if fused and isinstance(model, ConvNet) else model
 
 
 def init_model(model: nn.Module, key: Array, image_shape: Sequence[int]) -> dict[str, Any]:

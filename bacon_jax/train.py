@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bacon_jax import checkpointing, config_lib, data, distill, evaluation, export, models, parallel
+from bacon_jax import backend, checkpointing, config_lib, data, distill, evaluation, export, models
+from bacon_jax import parallel
 from bacon_jax import teacher as teacher_lib
 
 # fold_in tags of an experiment's key.
@@ -186,12 +187,15 @@ def run_experiment(config, exp, key, dataset, real, workdir):
     final_path = os.path.join(exp_dir, "final.json")
     spec = distill.spec_from_config(config, dataset.spec, dataset.max_class_size,
                                     mesh=make_mesh(config))
-    model = models.get_model(config.model, dataset.spec.num_classes, dataset.spec.image_shape)
+    model = models.get_model(config.model, dataset.spec.num_classes, dataset.spec.image_shape,
+                             fused=spec.fused_blocks)
     metadata = checkpointing.state_metadata(config, dataset.spec)
     iterations = distill_iterations(config)
 
     init_key, eval_key = jax.random.fold_in(key, _INIT), jax.random.fold_in(key, _EVAL)
-    init_fn = jax.jit(functools.partial(distill.init_state, model=model, spec=spec))
+    compiler_options = backend.jit_options(spec.compiler_options)
+    init_fn = jax.jit(functools.partial(distill.init_state, model=model, spec=spec),
+                      compiler_options=compiler_options)
     manager = checkpointing.make_manager(os.path.join(exp_dir, "checkpoints"))
     template = jax.eval_shape(init_fn, init_key, real)
     state = checkpointing.restore_latest(manager, template, metadata, iterations)
@@ -223,6 +227,7 @@ def run_experiment(config, exp, key, dataset, real, workdir):
                           teacher_model=teacher_model),
         donate_argnums=0,
         out_shardings=replicated,
+        compiler_options=compiler_options,
     )
     progress = _Progress(start, iterations)
     metrics_path = os.path.join(exp_dir, "metrics.jsonl")

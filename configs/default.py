@@ -84,8 +84,14 @@ def get_base_config():
     config.cmi.weight_decay = 1e-3  # torch-coupled, on every parameter
     config.cmi.batch_size = 256
 
+    # Per-backend forms of the same maths (bacon_jax/backend.py); 'auto' picks per backend.
     # 'auto': unroll short inner loops on CPU only (XLA:CPU is slow on convs inside loops); bool.
     config.unroll_loops = "auto"
+    # 'auto': ConvNet instance-norm blocks with hand-written gradients (fused.py) on CPU; bool.
+    config.fused_blocks = "auto"
+    # 'auto': XLA:CPU compile options of backend.CPU_COMPILER_OPTIONS on CPU; 'none'; or
+    # 'option=value;option=value'.
+    config.compiler_options = "auto"
     # Devices to map the steps over (0 = every device of every process). Results do not depend
     # on it (SPEC A3); checkpoints resume on any count.
     config.num_devices = 0
