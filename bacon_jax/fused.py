@@ -11,10 +11,10 @@ two blocks here compute the same functions with fewer passes over memory:
   reductions in one variadic reduce) and writes the input gradient once.
 * the first block (few input channels, `tap_count(...) <= MAX_TAPS`): the conv is a sum of
   K = 9 x C_in shifted copies of the input ("taps"), linear in them. Its per-image mean follows
-  from the taps' means; the forward never stores the full-resolution conv output (XLA recomputes it
-  from the taps inside the pooling reduction). The backward reduces the incoming gradient against
-  the taps in one batched matrix product, and gets the norm's reductions and the conv's weight
-  gradient from that product and the taps' covariance (derivation in `_tap_block_bwd`).
+  from the taps' means; neither pass stores the full-resolution conv output (XLA recomputes it
+  from the taps inside the reductions and the pooling). The backward gets the norm's reductions
+  and the weight gradient from one batched product of the centred taps with the masked gradient
+  and the taps' covariance (`_tap_block_bwd`).
 
 The maths is the reference's: forward values and gradients equal the op-by-op form up to float
 round-off (tests compare both forms). One exact identity is used: instance norm subtracts each
@@ -32,9 +32,10 @@ import jax.numpy as jnp
 # PyTorch's norm epsilon (SPEC 2.2).
 NORM_EPS = 1e-5
 
-# The tap form of the first block builds a [B, K + 1, H*W] matrix of shifted inputs; beyond this
-# many taps (9 x input channels) the plain block is used.
+# The first block recomputes its conv as K = 9 x C_in fused multiply-adds per output in every
+# pass; beyond this many taps the conv runs as an XLA convolution.
 MAX_TAPS = 27
+
 
 
 def tap_count(kernel_shape):
@@ -96,31 +97,45 @@ def _norm_stats(y):
     return mean, jax.lax.rsqrt(var + NORM_EPS)
 
 
+def _normalized(y, mean, rstd, scale, bias):
+    """z = (y - mean) * rstd * scale + bias, as y * a + c (the form both passes use)."""
+    a = rstd * scale
+    return y * _spatial(a) + _spatial(bias - mean * a)
+
+
 @jax.custom_vjp
 def _norm_relu_pool(y, conv_bias, scale, bias):
     del conv_bias  # cancels in the norm (module docstring)
-    mean, rstd = _norm_stats(y)
-    a = rstd * scale
-    return _pool(jax.nn.relu(y * _spatial(a) + _spatial(bias - mean * a)))
+    return _pool(jax.nn.relu(_normalized(y, *_norm_stats(y), scale, bias)))
 
 
 def _norm_relu_pool_fwd(y, conv_bias, scale, bias):
     mean, rstd = _norm_stats(y)
-    a = rstd * scale
-    out = _pool(jax.nn.relu(y * _spatial(a) + _spatial(bias - mean * a)))
+    out = _pool(jax.nn.relu(_normalized(y, mean, rstd, scale, bias)))
     return out, (y, conv_bias, scale, bias, mean, rstd)
+
+
+def _norm_relu_pool_grad(z, xhat, rstd, scale, g):
+    """Gradients of pool(relu(z)), z = xhat * scale + bias, w.r.t. the norm's input, scale, bias.
+
+    `z` must be computed exactly as in the forward pass, so the ReLU mask is the forward's. With gz
+    the gradient at z (unpooled, masked), per image and channel s1 = sum gz and s2 = sum gz * xhat
+    (one variadic reduce), and the usual norm backward gy = rstd * scale * (gz - (s1 + xhat * s2)
+    / n).
+    """
+    n = xhat.shape[1] * xhat.shape[2]
+    gz = jnp.where(z > 0, _unpool(g, z.shape), 0.0)
+    s1, s2 = _sum_pair(gz, gz * xhat, (1, 2))
+    gy = _spatial(rstd * scale) * (gz - (_spatial(s1) + xhat * _spatial(s2)) / n)
+    return gy, jnp.sum(s2, axis=0), jnp.sum(s1, axis=0)
 
 
 def _norm_relu_pool_bwd(residuals, g):
     y, conv_bias, scale, bias, mean, rstd = residuals
-    n = y.shape[1] * y.shape[2]
+    z = _normalized(y, mean, rstd, scale, bias)
     xhat = (y - _spatial(mean)) * _spatial(rstd)
-    gz = jnp.where(xhat * scale + bias > 0, _unpool(g, y.shape), 0.0)
-    # s1 = sum gz, s2 = sum gz * xhat per image and channel; the usual norm backward:
-    # gy = rstd * scale * (gz - (s1 + xhat * s2) / n).
-    s1, s2 = _sum_pair(gz, gz * xhat, (1, 2))
-    gy = _spatial(rstd * scale) * (gz - (_spatial(s1) + xhat * _spatial(s2)) / n)
-    return gy, jnp.zeros_like(conv_bias), jnp.sum(s2, axis=0), jnp.sum(s1, axis=0)
+    gy, d_scale, d_bias = _norm_relu_pool_grad(z, xhat, rstd, scale, g)
+    return gy, jnp.zeros_like(conv_bias), d_scale, d_bias
 
 
 _norm_relu_pool.defvjp(_norm_relu_pool_fwd, _norm_relu_pool_bwd)
@@ -150,7 +165,11 @@ def _weighted_taps(taps, weights, offset):
 
 
 def _tap_stats(x, kernel, padding):
-    """Taps, their per-image means m [B, K], the conv's per-image mean and 1/std [B, C]."""
+    """The taps, their means [B, K], the kernel as [K, C], the conv's mean and 1/std [B, C].
+
+    The mean is linear in the taps' means; the variance is two-pass, the conv recomputed from the
+    taps inside the reduction.
+    """
     kh, kw, _, cout = kernel.shape
     taps = _tap_list(x, padding, kh, kw)
     n = taps[0].shape[1] * taps[0].shape[2]
@@ -193,8 +212,8 @@ def _tap_block_bwd(padding, residuals, g):
       gy = rstd * scale * (gz - (S1 + xhat * S2) / n)          (the norm's backward),
       dW_k = sum_b rstd * scale * (Tc_k - S2 * rstd * (Cov W)_k),  Cov = (1/n) sum_p Pc Pc^T,
     because sum_p P_k gy = rstd * scale * (sum_p P_k gz - m_k S1 - S2 * rstd * (Cov W)_k) and
-    sum_p P_k gz = Tc_k + m_k S1. The input gradient (needed for synthetic images only) is the
-    transposed conv of gy.
+    sum_p P_k gz = Tc_k + m_k S1. So the full-resolution gy is only formed for the input
+    gradient (needed for synthetic images only: the transposed conv of gy).
     """
     x, kernel, conv_bias, scale, bias, tap_mean, mean, rstd = residuals
     kh, kw, _, cout = kernel.shape
@@ -202,15 +221,15 @@ def _tap_block_bwd(padding, residuals, g):
     w = kernel.reshape(-1, cout)
     batch, h, wd = taps[0].shape
     n = h * wd
-    weights, offset = _tap_block_out(taps, w, mean, rstd, scale, bias)
-    z = _weighted_taps(taps, weights, offset)
+    z = _weighted_taps(taps, *_tap_block_out(taps, w, mean, rstd, scale, bias))  # as forward
     gz = jnp.where(z > 0, _unpool(g, z.shape), 0.0)
-    centred = jnp.stack([t - _spatial(tap_mean)[..., k] for k, t in enumerate(taps)]
-                        + [jnp.ones_like(taps[0])], axis=1).reshape(batch, -1, n)  # [B, K+1, n]
+    rows = [t - tap_mean[:, k, None, None] for k, t in enumerate(taps)] + [jnp.ones_like(taps[0])]
+    centred = jnp.stack(rows, axis=1).reshape(batch, len(rows), n)  # [B, K + 1, n]
     products = jnp.einsum("bkp,bpc->bkc", centred, gz.reshape(batch, n, cout))
     tc, s1 = products[:, :-1], products[:, -1]
     s2 = rstd * jnp.einsum("kc,bkc->bc", w, tc)
-    cov = jnp.einsum("bkp,blp->bkl", centred[:, :-1], centred[:, :-1]) / n
+    # Over all K + 1 rows (no sliced copy of the big matrix); the ones row is dropped after.
+    cov = jnp.einsum("bkp,blp->bkl", centred, centred)[:, :-1, :-1] / n
     a = rstd * scale
     d_w = jnp.einsum("bc,bkc->kc", a, tc - (s2 * rstd)[:, None, :] * (cov @ w))
     xhat = _weighted_taps(taps, jnp.broadcast_to(w, (batch,) + w.shape), -mean) * _spatial(rstd)
