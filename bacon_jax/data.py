@@ -455,7 +455,7 @@ def sample_class_indices(
 
     The valid slots hold a uniformly random subset of the first `count` entries of `index_row`
     in uniformly random order; when n >= count they hold the whole class. Vmappable over
-    (key, index_row, count).
+    (key, index_row, count); `sample_class_indices_batch` draws for many classes at once.
 
     Args:
         key: PRNG key.
@@ -467,19 +467,34 @@ def sample_class_indices(
         (indices, mask): int32 [n] dataset indices and bool [n] marking the first min(n, count)
         slots as valid; invalid slots hold index 0.
     """
-    max_n = index_row.shape[0]
-    # A permutation of all positions, then a stable partition that moves the valid positions
-    # (< count) to the front: their order stays uniformly random, and the count can be traced.
-    perm = permutation(key, max_n)
-    valid = perm < count
-    slot = jnp.where(valid, jnp.cumsum(valid) - 1, count + jnp.cumsum(~valid) - 1)
-    perm = jnp.zeros_like(perm).at[slot].set(perm, unique_indices=True)
-    positions = perm[: min(n, max_n)]
-    if n > max_n:
-        positions = jnp.pad(positions, (0, n - max_n))
-    mask = jnp.arange(n) < jnp.minimum(n, count)
-    indices = jnp.where(mask, jnp.asarray(index_row)[positions], 0).astype(jnp.int32)
-    return indices, mask
+    indices, mask = sample_class_indices_batch(
+        jnp.asarray(key)[None], jnp.asarray(index_row)[None], jnp.asarray(count)[None], n)
+    return indices[0], mask[0]
+
+
+def sample_class_indices_batch(
+    keys: jax.Array, index_rows: jax.Array, counts: jax.Array, n: int
+) -> tuple[jax.Array, jax.Array]:
+    """`sample_class_indices` for a batch: keys [B], index_rows [B, max_n], counts [B].
+
+    The same draws as one call per class; batched, the permutations' rare slow path (see
+    `permutations`) is decided once for the batch instead of run for every row under `vmap`.
+    """
+    max_n = index_rows.shape[-1]
+
+    def first_valid(perm, index_row, count):
+        # A stable partition that moves the valid positions (< count) to the front: their
+        # order stays uniformly random, and the count can be traced.
+        valid = perm < count
+        slot = jnp.where(valid, jnp.cumsum(valid) - 1, count + jnp.cumsum(~valid) - 1)
+        perm = jnp.zeros_like(perm).at[slot].set(perm, unique_indices=True)
+        positions = perm[: min(n, max_n)]
+        if n > max_n:
+            positions = jnp.pad(positions, (0, n - max_n))
+        mask = jnp.arange(n) < jnp.minimum(n, count)
+        return jnp.where(mask, index_row[positions], 0).astype(jnp.int32), mask
+
+    return jax.vmap(first_valid)(permutations(keys, max_n), index_rows, counts)
 
 
 def sample_uniform_indices(key: jax.Array, num_train: int, n: int) -> jax.Array:
@@ -499,11 +514,12 @@ def sample_uniform_indices(key: jax.Array, num_train: int, n: int) -> jax.Array:
 
 
 def permutation(key: jax.Array, n: int) -> jax.Array:
-    """`jax.random.permutation(key, n)`, the same values, as int32, with cheaper sorts on CPU.
+    """`jax.random.permutation(key, n)` on XLA:CPU, as int32, computed with cheaper sorts.
 
     JAX shuffles by sorting the sequence by fresh random 32-bit keys, ceil(3 ln n / ln(2^32 - 1))
-    times (two rounds for up to ~65k items); see `_argsort_random_keys` for the faster sort.
-    Tests check equality with `jax.random.permutation`.
+    times (two rounds for up to ~65k items). Ties between keys keep their earlier order (what
+    XLA:CPU's sort does; here on every backend). Tests check equality with
+    `jax.random.permutation`.
 
     Args:
         key: PRNG key.
@@ -512,35 +528,57 @@ def permutation(key: jax.Array, n: int) -> jax.Array:
     Returns:
         int32 [n], a uniformly random permutation of 0..n-1.
     """
+    return permutations(jnp.asarray(key)[None], n)[0]
+
+
+def permutations(keys: jax.Array, n: int) -> jax.Array:
+    """`permutation` for a batch of keys [B]: int32 [B, n].
+
+    Each round sorts the keys alone (XLA:CPU sorts one array ~8x faster than keys with a
+    payload), ranks every key by binary search and scatters; tied keys (rare: ~n^2 / 2^33
+    expected pairs per round) get their order among themselves from a small all-pairs count.
+    Only when a round has more than `_TIE_CAP` tied keys in some row (probability ~0 for
+    random keys) does the key-value sort run instead, for the whole batch.
+    """
     rounds = int(np.ceil(3 * np.log(max(1, n)) / np.log(np.iinfo(np.uint32).max)))
-    order = jnp.arange(n, dtype=jnp.int32)
+    order = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (keys.shape[0], n))
     for _ in range(rounds):
-        key, subkey = jax.random.split(key)
-        order = order[_argsort_random_keys(jax.random.bits(subkey, (n,), jnp.uint32))]
+        split = jax.vmap(jax.random.split)(keys)
+        keys, subkeys = split[:, 0], split[:, 1]
+        bits = jax.vmap(lambda k: jax.random.bits(k, (n,), jnp.uint32))(subkeys)
+        order = jnp.take_along_axis(order, _stable_argsort(bits), axis=1)
     return order
 
 
-def _argsort_random_keys(keys: jax.Array) -> jax.Array:
-    """`lax.sort_key_val(keys, iota)[1]` for a vector of random uint32 keys.
+# Tied keys per row handled by the all-pairs count of `_stable_argsort`.
+_TIE_CAP = 64
 
-    XLA:CPU sorts a single array of keys ~8x faster than keys with a payload. When the keys are
-    distinct (ties are rare: ~n^2 / 2^33 expected pairs), each key's rank is its position among
-    the sorted keys and the permutation follows by one scatter; with a tie the key-value sort
-    itself runs, so the result is always that of `sort_key_val` (ties included).
-    """
-    n = keys.shape[0]
+
+def _stable_argsort(keys: jax.Array, tie_cap: int = _TIE_CAP) -> jax.Array:
+    """Stable argsort of each row of uint32 `keys` [B, n] (ties by index): int32 [B, n]."""
+    n = keys.shape[-1]
     iota = jnp.arange(n, dtype=jnp.int32)
-    sorted_keys = jnp.sort(keys)
 
-    def distinct(_):
-        rank = jnp.searchsorted(sorted_keys, keys, method="scan_unrolled").astype(jnp.int32)
-        return jnp.zeros_like(iota).at[rank].set(iota, unique_indices=True)
+    def ranks(row):
+        sorted_row = jnp.sort(row)
+        first = jnp.searchsorted(sorted_row, row, method="scan_unrolled").astype(jnp.int32)
+        tied = (first + 1 < n) & (sorted_row[jnp.minimum(first + 1, n - 1)] == row)
+        members = jnp.nonzero(tied, size=tie_cap, fill_value=n)[0]  # ascending index order
+        member_keys = row[jnp.minimum(members, n - 1)]
+        earlier = jnp.arange(tie_cap)[None, :] < jnp.arange(tie_cap)[:, None]
+        same = (member_keys[:, None] == member_keys[None, :]) & earlier & (members < n)[None, :]
+        rank = first.at[members].add(jnp.sum(same, axis=1, dtype=jnp.int32), mode="drop")
+        return rank, jnp.sum(tied) > tie_cap
 
-    def with_ties(_):
-        return jax.lax.sort_key_val(keys, iota)[1]
+    rank, overflow = jax.vmap(ranks)(keys)
 
-    has_ties = jnp.any(sorted_keys[1:] == sorted_keys[:-1])
-    return jax.lax.cond(has_ties, with_ties, distinct, None)
+    def by_rank(_):
+        return jax.vmap(lambda r: jnp.zeros_like(iota).at[r].set(iota, unique_indices=True))(rank)
+
+    def by_sort(_):
+        return jax.vmap(lambda k: jax.lax.sort_key_val(k, iota, is_stable=True)[1])(keys)
+
+    return jax.lax.cond(jnp.any(overflow), by_sort, by_rank, None)
 
 
 def fit_zca(x_train_float_flat: np.ndarray, eps: float = 0.1) -> tuple[np.ndarray, np.ndarray]:

@@ -491,7 +491,7 @@ def train_pool(pool, key, real, model, spec):
 
 
 def class_objective(class_images, class_id, key, params, ce_multiplier, real, model, spec,
-                    teacher=None):
+                    teacher=None, real_batch=None):
     """One class's loss and its gradient w.r.t. the class's stored images (SPEC 5.3, 6).
 
     With `teacher` = (module, one teacher's variables) and `spec.cmi_weight` > 0, the class's CMI
@@ -507,15 +507,19 @@ def class_objective(class_images, class_id, key, params, ce_multiplier, real, mo
         real: RealData.
         model: flax Module with `embed` and `classify`.
         spec: DistillSpec.
+        teacher: see above.
+        real_batch: the class's real batch (indices, mask) as `class_real_batches` draws it from
+            `key`, when drawn beforehand for many classes at once; None draws it here.
 
     Returns:
         (grad [ipc, H, W, ch], metrics dict of scalars).
     """
     check_real_data(real)
     sample_key, dsa_key = jax.random.split(key)
-    indices, mask = data.sample_class_indices(
-        sample_key, real.class_index[class_id], real.class_count[class_id], spec.batch_real
-    )
+    if real_batch is None:
+        real_batch = data.sample_class_indices(
+            sample_key, real.class_index[class_id], real.class_count[class_id], spec.batch_real)
+    indices, mask = real_batch
     real_images = real.take(indices)
     if spec.dsa_families:
         real_images = augment.dsa(real_images, dsa_key, siamese=True, families=spec.dsa_families)
@@ -548,6 +552,17 @@ def class_objective(class_images, class_id, key, params, ce_multiplier, real, mo
     return grad, dict(metrics, loss=loss)
 
 
+def class_real_batches(keys, class_ids, real, spec):
+    """The real batches (indices, mask) that `class_objective` draws from each class's key.
+
+    Drawn for all the classes at once (`data.sample_class_indices_batch`): the same draws as one
+    call per class.
+    """
+    sample_keys = jax.vmap(lambda key: jax.random.split(key)[0])(keys)
+    return data.sample_class_indices_batch(
+        sample_keys, real.class_index[class_ids], real.class_count[class_ids], spec.batch_real)
+
+
 def _all_class_gradients(images, key, params, ce_multiplier, real, model, spec, teacher=None):
     """Gradients of every class's objective, classes split over the devices of `spec.mesh`.
 
@@ -570,15 +585,19 @@ def _all_class_gradients(images, key, params, ce_multiplier, real, model, spec, 
     teacher_model, teacher_variables = teacher if teacher is not None else (None, None)
 
     def local(per_class, class_ids, keys, params, ce_multiplier, real, teacher_variables):
+        data_classes = jnp.minimum(class_ids, spec.num_classes - 1)
+        batches = class_real_batches(keys, data_classes, real, spec)
+
         def one_class(args):
-            class_images, class_id, class_key = args
-            data_class = jnp.minimum(class_id, spec.num_classes - 1)
+            class_images, data_class, class_key, real_batch = args
             return class_objective(
                 class_images, data_class, class_key, params, ce_multiplier, real, model, spec,
                 None if teacher_model is None else (teacher_model, teacher_variables),
+                real_batch=real_batch,
             )
 
-        return map_in_chunks(one_class, (per_class, class_ids, keys), chunk, spec.unroll_loops)
+        return map_in_chunks(one_class, (per_class, data_classes, keys, batches), chunk,
+                             spec.unroll_loops)
 
     sharded = parallel.shard(
         local, mesh,

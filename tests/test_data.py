@@ -230,6 +230,38 @@ def test_sample_class_indices_vmap_over_classes():
         assert np.all(labels[np.asarray(idx[c])[np.asarray(mask[c])]] == c)
 
 
+def test_sample_class_indices_batch_matches_one_call_per_class():
+    labels, index, counts = _sampling_problem()
+    keys = jax.random.split(jax.random.key(4), 3)
+    idx, mask = jax.jit(data.sample_class_indices_batch, static_argnums=3)(keys, index, counts, 5)
+    for c in range(3):
+        one, one_mask = data.sample_class_indices(keys[c], index[c], counts[c], 5)
+        np.testing.assert_array_equal(idx[c], one)
+        np.testing.assert_array_equal(mask[c], one_mask)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 257, 6742, 60000])
+def test_permutation_is_jax_random_permutation(n):
+    # The faster sort gives jax's own shuffle (XLA:CPU's sort keeps ties in order, as ours does).
+    permute = jax.jit(data.permutation, static_argnums=1)
+    for key in [jax.random.PRNGKey(0), jax.random.PRNGKey(11), jax.random.key(3)]:
+        np.testing.assert_array_equal(permute(key, n), jax.random.permutation(key, n))
+
+
+@pytest.mark.parametrize("tie_cap", [64, 4])
+def test_stable_argsort_orders_ties_by_index(tie_cap):
+    # Rows with a few planted ties (a pair and a triple: 5 tied keys) take the all-pairs count
+    # with a cap of 64 and the fallback sort with a cap of 4.
+    rng = np.random.default_rng(0)
+    keys = np.stack([rng.permutation(1000)[:100] for _ in range(3)]).astype(np.uint32)
+    keys[1, 50] = keys[1, 5]
+    keys[1, [70, 90]] = keys[1, 60]
+    keys[2, [3, 4, 97]] = keys[2, 40]
+    order = jax.jit(data._stable_argsort, static_argnums=1)(jnp.asarray(keys), tie_cap)
+    for row, got in zip(keys, np.asarray(order)):
+        np.testing.assert_array_equal(got, np.argsort(row, kind="stable"))
+
+
 def test_sample_uniform_indices():
     idx = jax.jit(data.sample_uniform_indices, static_argnums=(1, 2))(jax.random.key(0), 50, 30)
     assert idx.shape == (30,) and idx.dtype == jnp.int32
