@@ -521,8 +521,9 @@ def check_config_flags(argv, flag="config"):
     problem: the config files that exist, the bad preset or value, or the unknown field and the
     fields next to it. It reads the override forms ml_collections accepts (`-`/`--`, `no` prefix,
     `=value` or a separate value) and expands `--flagfile`s first. Anything it cannot judge (no
-    --config, a config file that fails with its own bug) is left to the flag parser. A `--config.method` that differs from the config argument's method
-    is refused here too (`check_method_defaults`), before anything runs.
+    --config, a config file that fails with its own bug) is left to the flag parser. A
+    `--config.method` that differs from the config argument's method is refused here too
+    (`check_method_defaults`), before anything runs.
     """
     from absl import flags
 

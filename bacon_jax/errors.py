@@ -1,4 +1,4 @@
-"""User errors, and the one way the scripts run: one line for what the user can fix, tracebacks for bugs.
+"""User errors, and how the scripts run: one line for what the user can fix, tracebacks for bugs.
 
 Library code raises `UserError` for anything the user can fix: a bad config value, missing or
 malformed data, a workdir that holds another run or is in use, a checkpoint that cannot be used. The

@@ -42,7 +42,7 @@ def test_ctrl_c_ends_with_the_resume_hint_and_status_130(capsys):
 
 
 def _disk_full_in_a_chain():
-    """ENOSPC as a library surfaces it: wrapped, then buried under an error raised while handling it."""
+    """ENOSPC as libraries surface it: wrapped, then buried under an error raised handling it."""
     try:
         try:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/tmp/run/exp0/metrics.jsonl")
