@@ -1,4 +1,4 @@
-"""One writer per run directory: a lock file, and the JSON-lines logs a resumed run rewinds.
+"""A run directory's lock, its config.json, and the JSON-lines logs that a resumed run rewinds.
 
 `locked(workdir)` holds `<workdir>/run.lock` while a run or a re-evaluation writes there. The file is
 created with O_CREAT | O_EXCL (atomic, also on NFS v3 and later) and names its holder: pid, host,
@@ -23,6 +23,7 @@ import numpy as np
 from bacon_jax import errors
 
 LOCK_NAME = "run.lock"
+CONFIG_NAME = "config.json"
 _ATTEMPTS = 5
 _WAIT_SECONDS = 0.2
 
@@ -140,6 +141,24 @@ def locked(workdir):
     finally:
         if path is not None:
             release(path)
+
+
+def read_config(workdir):
+    """The config.json of the run in `workdir` as a dict, or None when there is none.
+
+    Raises:
+        errors.UserError: config.json is not valid JSON.
+    """
+    path = os.path.join(workdir, CONFIG_NAME)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as error:
+        raise errors.UserError(
+            f"{path} is not valid JSON ({error}); it records the run in {workdir}. Restore it, or "
+            f"use a new --workdir.") from None
 
 
 def truncate_jsonl(path, before):
