@@ -55,14 +55,16 @@ def make_manager(directory, max_to_keep=MAX_TO_KEEP):
 def state_checksum(state):
     """sha256 (hex) over the dtype, shape and bytes of every leaf of `state`, in tree order.
 
-    Computed on the host. A leaf spread over several processes must be replicated (the canonical
-    DistillState is): its local copy is the whole value.
+    Computed on the host from each leaf's global value: a leaf spread over several processes is
+    gathered (a collective; every process saves and restores, so every process calls this).
     """
     digest = hashlib.sha256()
     for leaf in jax.tree.leaves(state):
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            leaf = leaf.addressable_data(0)
-        value = np.ascontiguousarray(jax.device_get(leaf))
+            value = parallel.gather(leaf)
+        else:
+            value = jax.device_get(leaf)
+        value = np.ascontiguousarray(value)
         digest.update(f"{value.dtype.str}{value.shape}".encode())
         digest.update(value.tobytes())
     return digest.hexdigest()

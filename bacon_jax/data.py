@@ -357,9 +357,9 @@ def _load_npz(spec: DatasetSpec, path: str) -> tuple[np.ndarray, ...]:
         try:
             arrays = {k: npz[k] for k in _NPZ_KEYS}
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
-            raise errors.UserError(
-                f"Dataset file {path}: its arrays cannot be read ({type(error).__name__}: "
-                f"{error}); it must be {_NPZ_FORMAT}.") from None
+            raise errors.UserError(  # e.g. object arrays, which are never unpickled
+                f"Dataset file {path}: its arrays cannot be read ({type(error).__name__}); it "
+                f"must be {_NPZ_FORMAT}.") from None
     return _validated(spec, arrays, origin=path)
 
 

@@ -17,7 +17,7 @@ from absl import logging
 
 
 def shown_metrics(metrics, config):
-    """`metrics` without the terms `config` does not use, for progress lines.
+    """`metrics` without the terms `config` does not use: what progress lines and logs record.
 
     The step reports every term for every method (zeros where unused); a DM line showing
     `ce_loss 0 ce_multiplier 0 cmi_loss 0` says nothing.
@@ -148,6 +148,10 @@ class EvalProgress:
         self.done, self.start = 0, clock()
         self.t0 = self.done0 = self.last = None
 
+    def _rate(self, now):
+        """Network-epochs per second since the first call (which waited for compilation)."""
+        return (self.done - self.done0) / max(now - self.t0, 1e-9)
+
     def _head(self):
         return (f"[exp {self.exp}] evaluation at it {self.iteration}, {self.model}: "
                 f"{self.done}/{self.total} network-epochs")
@@ -161,17 +165,16 @@ class EvalProgress:
             self.log(f"{self._head()} after {now - self.start:.1f} s (compilation included)")
         elif finished or now - self.last >= self.min_interval:
             self.last = now
-            rate = (self.done - self.done0) / max(now - self.t0, 1e-9)
+            rate = self._rate(now)
             self.estimate.eval_rates.setdefault(self.model, rate)  # until this one is done
             left = (self.total - self.done) / rate
             self.log(f"{self._head()}, {rate:.3g}/s, ETA {minutes(left)}, "
                      f"{self.estimate.run_eta(self._run_seconds(left))}")
         if finished:
-            # With one call (an accelerator trains the group in one program) the only rate there
-            # is includes the compilation: an overestimate, used until a better one exists.
-            measured = self.done > self.done0
+            # After a single call (an accelerator trains all networks in one program) the only
+            # rate there is includes the compilation: an overestimate, until the next evaluation.
             self.estimate.eval_rates[self.model] = (
-                (self.done - self.done0) / max(now - self.t0, 1e-9) if measured
+                self._rate(now) if self.done > self.done0
                 else self.done / max(now - self.start, 1e-9))
 
     def _run_seconds(self, left):

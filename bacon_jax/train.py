@@ -127,9 +127,8 @@ def _flush(pending, metrics_path, line, exp, writer):
         if bad:
             raise errors.UserError(
                 f"Experiment {exp} diverged: non-finite {', '.join(bad)} at iteration {it} "
-                f"({values}); stopped before any checkpoint is overwritten. Lower the learning "
-                f"rates (lr_img, lr_net) or rerun from the last checkpoint with other settings "
-                f"in a new --workdir."
+                f"({values}); stopped before any checkpoint is overwritten. Try a lower lr_img "
+                f"(or lr_net) in a new --workdir."
             )
         _append_jsonl(metrics_path, {"iteration": it, **values, "time": time.time()})
         writer.write_scalars(it, _train_scalars(values))
@@ -147,6 +146,10 @@ def _train_scalars(metrics):
 def _eval_scalars(rows):
     """TensorBoard tags of evals.jsonl rows of one iteration: each architecture's mean."""
     return {f"eval/{row['model']}": row["mean"] for row in rows}
+
+
+# Event files being replaced by `_rewind`; a name without "tfevents", which TensorBoard ignores.
+_SUPERSEDED = "superseded_events_"
 
 
 def _rewind(exp_dir, start):
@@ -181,10 +184,6 @@ def _rewind(exp_dir, start):
     for path in old:
         os.remove(path)
     return writer
-
-
-# Event files being replaced by `_rewind`; a name without "tfevents", which TensorBoard ignores.
-_SUPERSEDED = "superseded_events_"
 
 
 def _record_evaluation(writer, exp_dir, evals_path, exp, it, state, spec, dataset, accuracies,

@@ -4,7 +4,10 @@
     python experiments/run.py --config=configs/mnist.py:ipc10,method=dm --workdir=/tmp/mnist_dm \
         --config.iterations=2000
 
-Rerunning the same command with the same --workdir resumes from the latest checkpoint.
+Rerunning the same command with the same --workdir resumes from the latest checkpoint; a rerun
+whose config would relabel the run's results is refused (README, "Rerunning into a workdir").
+Errors you can fix end with one `ERROR:` line. `--help` also lists the config files, presets,
+datasets, methods, architectures and fields; `--library_logs` shows the libraries' INFO logs.
 """
 
 from absl import app

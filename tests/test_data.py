@@ -136,6 +136,15 @@ def test_unreadable_npz_is_named_without_suggesting_pickles(tmp_path, content):
     assert "pickle" not in msg.lower()
 
 
+def test_object_arrays_in_an_npz_are_not_unpickled(tmp_path):
+    path = tmp_path / "objects.npz"
+    _write_npz(path, y_train=np.array([{"label": 1}] * 12, dtype=object))
+    with pytest.raises(errors.UserError) as err:
+        data.load_dataset(_config(source="npz", path=str(path)))
+    assert "its arrays cannot be read (ValueError)" in str(err.value)
+    assert "pickle" not in str(err.value).lower()
+
+
 def test_npy_instead_of_npz(tmp_path):
     path = tmp_path / "one.npy"
     np.save(path, np.zeros(3))
