@@ -5,7 +5,16 @@ followed by comma-separated overrides, e.g. `ipc10` or `ipc10,method=idm,iterati
 (big_vision's `parse_arg` idea). Dotted keys reach nested fields: `ipc1,eval.num_eval=1`.
 """
 
+import glob
+import json
+import math
+import os
+import re
+import sys
+
 import ml_collections
+
+from bacon_jax import errors
 
 METHODS = ("random", "dm", "idm", "bacon")
 IPCS = (1, 10, 50)
@@ -31,7 +40,8 @@ def parse_arg(arg):
             key, value = token.split("=", 1)
             overrides[key.strip()] = value.strip()
         elif preset:
-            raise ValueError(f"Config arg {arg!r} names two presets: {preset!r} and {token!r}.")
+            raise errors.UserError(
+                f"Config arg {arg!r} names two presets: {preset!r} and {token!r}.")
         else:
             preset = token
     return preset, overrides
@@ -41,14 +51,14 @@ def _convert(text, current, key):
     if isinstance(current, bool):
         lowered = text.lower()
         if lowered not in ("true", "false", "1", "0"):
-            raise ValueError(f"Override {key}={text!r}: expected a boolean (true/false).")
+            raise errors.UserError(f"Override {key}={text!r}: expected a boolean (true/false).")
         return lowered in ("true", "1")
     if isinstance(current, (int, float)):
         kind = type(current)
         try:
             return kind(text)
         except ValueError:
-            raise ValueError(
+            raise errors.UserError(
                 f"Override {key}={text!r}: expected {'an integer' if kind is int else 'a number'}."
             ) from None
     if isinstance(current, (list, tuple)):
@@ -74,25 +84,28 @@ def apply_overrides(config, overrides):
 
 
 def _field_parent(config, key):
-    """(the ConfigDict holding dotted `key`, its last name); a ValueError lists the fields there."""
+    """(the ConfigDict holding dotted `key`, its last name); a UserError lists the fields there."""
     *parents, leaf = key.split(".")
     node = config
     for depth, name in enumerate(parents + [leaf]):
         where = ".".join(parents[:depth])
         if not isinstance(node, ml_collections.ConfigDict):
-            raise ValueError(f"Unknown config field {key!r}: {where!r} is a value, not a group.")
+            raise errors.UserError(
+                f"Unknown config field {key!r}: {where!r} is a value, not a group.")
         if name not in node:
-            raise ValueError(f"Unknown config field {key!r}; fields at {where or 'the top level'}: "
-                             f"{sorted(node.keys())}.")
+            raise errors.UserError(
+                f"Unknown config field {key!r}; fields at {where or 'the top level'}: "
+                f"{sorted(node.keys())}.")
         if depth < len(parents):
             node = node[name]
     return node, leaf
 
 
 def choose(name, value, allowed):
-    """Returns `value` if it is in `allowed`, else raises a ValueError listing the allowed values."""
+    """Returns `value` if it is in `allowed`, else raises a UserError listing the allowed values."""
     if value not in allowed:
-        raise ValueError(f"Unknown {name} {value!r}; allowed: {', '.join(map(str, allowed))}.")
+        raise errors.UserError(
+            f"Unknown {name} {value!r}; allowed: {', '.join(map(str, allowed))}.")
     return value
 
 
@@ -149,8 +162,9 @@ def build(base, presets, arg, method_presets=None, cmi_weights=None):
     cmi_switch = choose("cmi switch", overrides.pop("cmi", "off").lower(), ("on", "off"))
     if preset:
         if not presets:
-            raise ValueError(f"Preset {preset!r} given, but this config file has no presets; use a "
-                             "dataset's file, e.g. configs/mnist.py:ipc10.")
+            raise errors.UserError(
+                f"Preset {preset!r} given, but this config file has no presets; use a "
+                "dataset's file, e.g. configs/mnist.py:ipc10.")
         _set_fields(base, presets[choose("preset", preset, tuple(presets))])
     method = choose("method", overrides.get("method", base.method), METHODS)
     _set_fields(base, METHOD_DEFAULTS[method])
@@ -158,14 +172,14 @@ def build(base, presets, arg, method_presets=None, cmi_weights=None):
     base.method_defaults = method
     if cmi_switch == "on":
         if method == "random":
-            raise ValueError("cmi=on needs a distillation method (dm, idm, bacon), not random.")
+            raise errors.UserError("cmi=on needs a distillation method (dm, idm, bacon), not random.")
         base.cmi.weight = cmi_weight(cmi_weights, preset, method)
     apply_overrides(base, overrides)
     return base
 
 
 def check_method_defaults(config):
-    """Raises ValueError when `config.method` was changed after the method's settings were applied.
+    """Raises UserError when `config.method` was changed after the method's settings were applied.
 
     `build` applies the method's reference settings (METHOD_DEFAULTS, the config file's per-method
     values) for the `method=` of the config argument and records it in `config.method_defaults`.
@@ -174,7 +188,7 @@ def check_method_defaults(config):
     """
     recorded = config.get("method_defaults")
     if recorded and recorded != config.method:
-        raise ValueError(
+        raise errors.UserError(
             f"config.method is {config.method!r} but the config holds the settings of "
             f"{recorded!r} (config.method_defaults). Choose the method in the config argument: "
             f"--config=configs/<dataset>.py:<preset>,method={config.method}, or in Python "
@@ -184,10 +198,84 @@ def check_method_defaults(config):
         )
 
 
+def _at_least(bound):
+    return (lambda value: value >= bound), f">= {bound}"
+
+
+_POSITIVE = (lambda value: value > 0), "> 0"
+_MOMENTUM = (lambda value: 0 <= value < 1), "in [0, 1)"
+_SEED = (lambda value: 0 <= value < 2**32), "in [0, 2**32)"
+
+# The allowed range of every numeric field (bools are not numbers here): field -> (predicate,
+# description). `validate` checks each; NaN and infinities fail every one. A test checks that every
+# numeric field of every config file is listed.
+NUMERIC_RANGES = {
+    "ipc": _at_least(1),  # and one of IPCS, checked by name
+    "iterations": _at_least(0),
+    "lr_img": _POSITIVE,
+    "batch_real": _at_least(1),
+    "seed": _SEED,
+    "num_exp": _at_least(1),
+    "classes_per_chunk": _at_least(0),  # 0 = all classes at once
+    "net_num": _at_least(1),
+    "initial_nets": _at_least(1),
+    "net_generate_interval": _at_least(1),
+    "fetch_net_num": _at_least(1),
+    "model_train_steps": _at_least(1),
+    "trained_bs": _at_least(1),
+    "lr_net": _POSITIVE,
+    "net_momentum": _MOMENTUM,
+    "net_weight_decay": _at_least(0),
+    "train_net_num": _at_least(1),
+    "ce_weight": _at_least(0),
+    "eval.num_eval": _at_least(1),
+    "eval.epochs": _at_least(0),  # training runs epochs + 1 passes
+    "eval.every": _at_least(1),
+    "eval.lr": _POSITIVE,
+    "eval.momentum": _MOMENTUM,
+    "eval.weight_decay": _at_least(0),
+    "eval.batch_size": _at_least(1),
+    "eval.test_batch_size": _at_least(1),
+    "cmi.weight": _at_least(0),  # 0 = off
+    "cmi.num_teachers": _at_least(1),
+    "cmi.epochs": _at_least(1),
+    "cmi.lr": _POSITIVE,
+    "cmi.momentum": _MOMENTUM,
+    "cmi.weight_decay": _at_least(0),
+    "cmi.batch_size": _at_least(1),
+    "num_devices": _at_least(0),  # 0 = every device
+    "checkpoint_every": _at_least(1),
+    "log_every": _at_least(1),
+}
+
+
+def lookup(config, dotted, default=None):
+    """The value of dotted field `dotted` of a ConfigDict or nested dict, or `default`."""
+    node = config
+    for name in dotted.split("."):
+        if not hasattr(node, "keys") or name not in node:
+            return default
+        node = node[name]
+    return node
+
+
+def check_numeric_ranges(config):
+    """Raises UserError naming the first numeric field of `config` outside its NUMERIC_RANGES."""
+    for field, (allowed, description) in NUMERIC_RANGES.items():
+        value = lookup(config, field)
+        if value is None:  # a config without this field (built in Python) has nothing to check
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise errors.UserError(f"{field} must be a number {description}, got {value!r}.")
+        if not (math.isfinite(value) and allowed(value)):
+            raise errors.UserError(f"{field} must be {description}, got {value!r}.")
+
+
 def validate(config):
-    """Raises ValueError naming the first invalid field of `config` and the allowed values."""
+    """Raises UserError naming the first invalid field of `config` and the allowed values."""
     from bacon_jax import data, models  # Local import: configs import this module cheaply.
 
+    check_numeric_ranges(config)
     choose("method", config.method, METHODS)
     check_method_defaults(config)
     choose("dataset", config.dataset.name, tuple(data.DATASETS))
@@ -195,31 +283,165 @@ def validate(config):
     choose("image_update", config.image_update, IMAGE_UPDATES)
     for name in (config.model, *config.eval.models):
         choose("architecture", name, models.MODEL_NAMES)
-    if config.iterations < 0:
-        raise ValueError(f"iterations must be >= 0, got {config.iterations}.")
-    if config.eval.every <= 0:
-        raise ValueError(f"eval.every must be positive, got {config.eval.every}.")
-    if config.eval.num_eval < 1:
-        raise ValueError(f"eval.num_eval must be >= 1 (fresh networks per evaluation), got "
-                         f"{config.eval.num_eval}.")
-    if config.num_exp < 1:
-        raise ValueError(f"num_exp must be >= 1, got {config.num_exp}.")
     if config.method in ("idm", "bacon"):
         if config.train_net_num != 1:
-            raise ValueError(
+            raise errors.UserError(
                 f"train_net_num={config.train_net_num}: only 1 is supported (every reference "
                 "command uses 1)."
             )
         if config.fetch_net_num > config.initial_nets:
-            raise ValueError(
+            raise errors.UserError(
                 f"fetch_net_num={config.fetch_net_num} exceeds initial_nets={config.initial_nets}."
             )
     return config
 
 
+# How a field may differ between a run directory's config.json and the config of a rerun into it
+# (`check_rerun`), one entry per field of configs/default.py (a test keeps it complete):
+NEUTRAL = "neutral"  # schedule, memory, parallelism or location only: the same results
+EVALUATION = "evaluation"  # final-evaluation settings: the saved set is evaluated again
+GROW = "grow"  # may grow: resume and continue a run, add experiments
+MATCH = "match"  # changes what is distilled: must be equal
+RERUN_FIELDS = {
+    "method": MATCH,
+    # A record of whose settings the fields hold; the fields themselves are compared.
+    "method_defaults": NEUTRAL,
+    "ipc": MATCH,
+    "iterations": GROW,
+    "lr_img": MATCH,
+    "batch_real": MATCH,
+    "seed": MATCH,
+    "num_exp": GROW,
+    "dataset.name": MATCH,
+    # Another source may order the examples differently, which changes every real-data draw.
+    "dataset.source": MATCH,
+    # Locations: the same files read from another place (another machine, a bucket).
+    "dataset.path": NEUTRAL,
+    "dataset.data_dir": NEUTRAL,
+    "dataset.zca": MATCH,
+    "model": MATCH,
+    "dsa": MATCH,
+    "dsa_families": MATCH,
+    "expand": MATCH,
+    "image_update": MATCH,
+    "classes_per_chunk": NEUTRAL,
+    "net_num": MATCH,
+    "initial_nets": MATCH,
+    "net_generate_interval": MATCH,
+    "fetch_net_num": MATCH,
+    "model_train_steps": MATCH,
+    "trained_bs": MATCH,
+    "lr_net": MATCH,
+    "net_momentum": MATCH,
+    "net_weight_decay": MATCH,
+    "train_net_num": MATCH,
+    "syn_ce": MATCH,
+    "ce_weight": MATCH,
+    "eval.num_eval": EVALUATION,
+    "eval.epochs": EVALUATION,
+    "eval.every": MATCH,  # also the period of the pool meters' reset (SPEC 5.6)
+    "eval.models": EVALUATION,
+    "eval.intermediate": NEUTRAL,
+    "eval.lr": EVALUATION,
+    "eval.momentum": EVALUATION,
+    "eval.weight_decay": EVALUATION,
+    "eval.batch_size": EVALUATION,
+    "eval.dsa": EVALUATION,
+    "eval.test_batch_size": NEUTRAL,
+    "cmi.weight": MATCH,
+    # The teachers (another directory may hold other teachers) and the settings they were trained
+    # with.
+    "cmi.teacher_dir": MATCH,
+    "cmi.num_teachers": MATCH,
+    "cmi.teacher_model": MATCH,
+    "cmi.epochs": MATCH,
+    "cmi.lr": MATCH,
+    "cmi.momentum": MATCH,
+    "cmi.weight_decay": MATCH,
+    "cmi.batch_size": MATCH,
+    "unroll_loops": NEUTRAL,
+    "num_devices": NEUTRAL,
+    "checkpoint_every": NEUTRAL,
+    "log_every": NEUTRAL,
+}
+
+
+def leaf_fields(tree, prefix=""):
+    """The dotted names of the leaves of a ConfigDict or nested dict, in order."""
+    names = []
+    for name in tree.keys():
+        value = tree[name]
+        dotted = prefix + name
+        names += leaf_fields(value, dotted + ".") if hasattr(value, "keys") else [dotted]
+    return names
+
+
+_ABSENT = object()  # a field missing from config.json
+
+
+def rerun_differences(saved, config):
+    """The fields that keep `config` from continuing the run whose config.json is `saved`.
+
+    Args:
+        saved: the run's config as read from its config.json.
+        config: the ConfigDict of the rerun.
+
+    Returns:
+        [(field, saved value, new value)] of the fields that differ where RERUN_FIELDS does not
+        allow it: MATCH fields (and fields it does not list) that differ, GROW fields that shrink.
+        Fields absent from `saved` (added to the code after the run started) are not compared.
+    """
+    current = json.loads(json.dumps(to_dict(config)))  # tuples as lists, as config.json reads back
+    found = []
+    for field in leaf_fields(current):
+        kind = RERUN_FIELDS.get(field, MATCH)
+        old, new = lookup(saved, field, _ABSENT), lookup(current, field)
+        if old is _ABSENT or old == new or kind in (NEUTRAL, EVALUATION):
+            continue
+        if kind == GROW and new > old:
+            continue
+        found.append((field, old, new))
+    return found
+
+
+
+def check_rerun(saved, config, workdir):
+    """Raises UserError naming every field that keeps `config` from continuing the run in `workdir`.
+
+    Args:
+        saved: the run's config as read from `workdir`/config.json.
+        config: the ConfigDict of the rerun.
+        workdir: the run directory, for the message.
+    """
+    differences = rerun_differences(saved, config)
+    if not differences:
+        return
+    details = "; ".join(
+        f"{field}: run {old!r}, this config {new!r}"
+        + (" (may only grow)" if RERUN_FIELDS.get(field) == GROW else "")
+        for field, old, new in differences)
+    raise errors.UserError(
+        f"{workdir} holds a run with other settings ({details}). Use a new --workdir for these "
+        f"settings, or the run's values to resume it (a rerun may change the final-evaluation "
+        f"settings eval.* except eval.every, and grow iterations and num_exp).")
+
+
 def to_dict(config):
     """A plain, JSON-serialisable dict of a ConfigDict."""
     return ml_collections.ConfigDict(config).to_dict()
+
+
+def _load_module(path, name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _default_file(config_file):
+    return os.path.join(os.path.dirname(os.path.abspath(config_file)), "default.py")
 
 
 def load_base_config(config_file):
@@ -228,14 +450,7 @@ def load_base_config(config_file):
     Config files are loaded by path (`--config=configs/mnist.py:ipc10`), so they cannot import their
     siblings as modules; this reads `configs/default.py` the same way.
     """
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), "default.py")
-    spec = importlib.util.spec_from_file_location("bacon_jax_default_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_base_config()
+    return _load_module(_default_file(config_file), "bacon_jax_default_config").get_base_config()
 
 
 def load_config_file(path, arg=None):
@@ -243,30 +458,76 @@ def load_config_file(path, arg=None):
 
     For scripts and tests that build configs without absl flags.
     """
-    import importlib.util
-    import os
+    name = "bacon_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+    return _load_module(path, name).get_config(arg)
 
-    spec = importlib.util.spec_from_file_location(
-        "bacon_jax_config_" + os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+
+def _config_files(directory):
+    return sorted(glob.glob(os.path.join(directory, "*.py")))
+
+
+def _field_comments(default_file):
+    """{field: the comment on its line} of `config.<field> = ...  # comment` lines."""
+    with open(default_file) as f:
+        found = (re.match(r"\s*config\.([\w.]+) = .*?  # (.*)$", line) for line in f)
+        return {match.group(1): match.group(2) for match in found if match}
+
+
+def describe_configs(config_dir):
+    """What `--help` lists: config files and presets, datasets, methods, architectures, fields.
+
+    Generated from the config files in `config_dir`, `data.DATASETS`, METHODS, `models.MODEL_NAMES`
+    and the fields of `config_dir`/default.py (with the comment on each field's line), so it lists
+    what the code accepts.
+    """
+    from bacon_jax import data, models  # Local import: configs import this module cheaply.
+
+    lines = ["", "Config files (--config=<file>:<preset>[,field=value,...]):"]
+    for path in _config_files(config_dir):
+        module = _load_module(path, "bacon_jax_help_" + os.path.basename(path)[:-3])
+        presets = ", ".join(getattr(module, "PRESETS", {})) or "none"
+        lines.append(f"  {os.path.relpath(path)}: presets {presets}")
+    lines += [
+        f"Datasets (dataset.name): {', '.join(data.DATASETS)}",
+        f"Methods (method=): {', '.join(METHODS)}",
+        f"Architectures (model=, eval.models=): {', '.join(models.MODEL_NAMES)}",
+        "Fields with their defaults in configs/default.py (set them in the config argument, "
+        ":ipc10,field=value, or with --config.field=value):",
+    ]
+    default_file = os.path.join(config_dir, "default.py")
+    base = _load_module(default_file, "bacon_jax_help_default").get_base_config()
+    comments = _field_comments(default_file)
+    for field in leaf_fields(base):
+        comment = f"  # {comments[field]}" if field in comments else ""
+        lines.append(f"  {field} = {lookup(base, field)!r}{comment}")
+    return "\n".join(lines) + "\n"
+
+
+def _missing_config_file(path, script):
+    """The UserError for a --config file that does not exist, listing the ones that do."""
+    beside_scripts = os.path.join(os.path.dirname(os.path.abspath(script)), os.pardir, "configs")
+    for directory in (os.path.dirname(path) or os.curdir, beside_scripts):
+        if _config_files(directory):
+            available = ", ".join(os.path.relpath(p) for p in _config_files(directory))
+            return errors.UserError(f"Config file {path!r} does not exist; available: {available}.")
+    return errors.UserError(f"Config file {path!r} does not exist (relative to {os.getcwd()}).")
 
 
 def check_config_flags(argv, flag="config"):
-    """Raises a ValueError for a `--config.<field>` flag that names no field of the config.
+    """Raises a UserError for a bad `--config` file, preset or `--config.<field>` flag.
 
-    ml_collections reports such a flag with a bare AttributeError traceback; this check loads the
-    `--config=path:arg` file of `argv` and names the unknown field and the fields next to it. It
-    reads the override forms ml_collections accepts (`-`/`--`, `no` prefix, `=value` or a separate
-    value) and expands `--flagfile`s first. Anything it cannot judge (no or unloadable --config)
-    is left to the flag parser. A `--config.method` that differs from the config argument's method
-    is refused here too (`check_method_defaults`), before anything runs.
+    ml_collections reports a missing file, a bad preset or a flag that names no field with a
+    traceback; this check loads the `--config=path:arg` file of `argv` itself and names the
+    problem: the config files that exist, the bad preset or value, or the unknown field and the
+    fields next to it. It reads the override forms ml_collections accepts (`-`/`--`, `no` prefix,
+    `=value` or a separate value) and expands `--flagfile`s first. Anything it cannot judge (no
+    --config, a config file that fails with its own bug) is left to the flag parser. A
+    `--config.method` that differs from the config argument's method is refused here too
+    (`check_method_defaults`), before anything runs.
     """
-    import re
-
     from absl import flags
 
+    script = argv[0]
     try:
         argv = flags.FLAGS.read_flags_from_files(list(argv[1:]), force_gnu=False)
     except flags.Error:  # the flag parser reports it
@@ -281,9 +542,13 @@ def check_config_flags(argv, flag="config"):
     if config is None:
         return
     path, _, arg = config.partition(":")
+    if not os.path.isfile(path):
+        raise _missing_config_file(path, script)
     try:
         config = load_config_file(path, arg or None)
-    except Exception:  # the flag parser reports the file's own error
+    except errors.UserError:  # a bad preset or override
+        raise
+    except Exception:  # a bug in the file: the flag parser reports it, with its traceback
         return
     overridden = {}
     for index, item in enumerate(argv):
@@ -306,11 +571,17 @@ def parse_flags(argv):
 
     Names an unknown `--config.<field>` and the allowed fields, then parses as absl does, then
     `validate`s the resulting config: a bad value stops the script with one line, no traceback,
-    before anything runs or is written.
+    before anything runs or is written. With `--help` (or `--helpfull`), the script's usage text
+    also lists the config files, presets, datasets, methods, architectures and fields
+    (`describe_configs` of the `configs/` directory beside the script's directory).
     """
-    import sys
-
     from absl import app, flags
+
+    if any(item.lstrip("-") in ("help", "helpshort", "helpfull", "?") for item in argv[1:]):
+        main = sys.modules["__main__"]
+        config_dir = os.path.join(os.path.dirname(os.path.abspath(argv[0])), os.pardir, "configs")
+        if os.path.isdir(config_dir):
+            main.__doc__ = (main.__doc__ or "") + describe_configs(config_dir)
 
     def fail(error):
         sys.stderr.write(f"FATAL Flags parsing error: {error}\n")

@@ -20,7 +20,9 @@ and `sample_class_indices` / `sample_uniform_indices` draw without replacement f
 """
 
 import dataclasses
+import os
 import types
+import zipfile
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -30,6 +32,8 @@ import numpy as np
 import sklearn.datasets
 import sklearn.model_selection
 import tensorflow_datasets as tfds
+
+from bacon_jax import errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +227,19 @@ class Dataset:
         zca_mean, zca_matrix = self.zca
         return Preprocessing(self.spec.mean, self.spec.std, zca_mean, zca_matrix)
 
+    def check_every_class_present(self) -> None:
+        """Raises UserError naming the classes without a training example.
+
+        Distillation draws real images of every class (SPEC 1.3); without this check it fails
+        later, after the run has started.
+        """
+        counts = np.bincount(self.y_train, minlength=self.num_classes)
+        empty = np.flatnonzero(counts == 0).tolist()
+        if empty:
+            raise errors.UserError(
+                f"Dataset {self.name!r}: classes {empty} have no training example (distillation "
+                f"needs at least one per class, for all {self.num_classes}); check y_train.")
+
     def train_class_index(self) -> tuple[np.ndarray, np.ndarray]:
         """`class_index` of the training labels."""
         return class_index(self.y_train, self.num_classes)
@@ -241,20 +258,21 @@ def load_dataset(dataset_config: ml_collections.ConfigDict) -> Dataset:
         The `Dataset`.
 
     Raises:
-        ValueError: unknown name or source, a source that cannot provide the dataset, or arrays
-            that do not match the dataset's `DatasetSpec`.
-        FileNotFoundError: the npz file is missing, or the TFDS dataset is not prepared.
+        errors.UserError: unknown name or source, a source that cannot provide the dataset, a
+            missing or unreadable npz file, a TFDS dataset that is not prepared, arrays that do
+            not match the dataset's `DatasetSpec`, an empty split or a class without training
+            examples.
     """
     name = dataset_config.name
     source = dataset_config.source
     if name not in DATASETS:
-        raise ValueError(f"Unknown dataset name {name!r}; allowed: {sorted(DATASETS)}.")
+        raise errors.UserError(f"Unknown dataset name {name!r}; allowed: {sorted(DATASETS)}.")
     if source not in SOURCES:
-        raise ValueError(f"Unknown dataset source {source!r}; allowed: {list(SOURCES)}.")
+        raise errors.UserError(f"Unknown dataset source {source!r}; allowed: {list(SOURCES)}.")
     spec = DATASETS[name]
     if source == "digits":
         if name != "digits":
-            raise ValueError(
+            raise errors.UserError(
                 f"Source 'digits' provides only the dataset 'digits', not {name!r}; "
                 f"use source 'npz' or 'tfds' for it."
             )
@@ -262,16 +280,18 @@ def load_dataset(dataset_config: ml_collections.ConfigDict) -> Dataset:
     elif source == "npz":
         path = dataset_config.get("path", "")
         if not path:
-            raise ValueError(f"Source 'npz' needs dataset.path (a .npz file) for {name!r}.")
+            raise errors.UserError(
+                f"Source 'npz' needs dataset.path (a .npz file) for {name!r}. {_how_to_get(spec)}")
         arrays = _load_npz(spec, path)
     else:
         if spec.tfds_name is None:
             with_tfds = sorted(k for k, v in DATASETS.items() if v.tfds_name is not None)
-            raise ValueError(
+            raise errors.UserError(
                 f"Dataset {name!r} has no TFDS source; datasets with one: {with_tfds}."
             )
         arrays = _load_tfds(spec, dataset_config.get("data_dir", ""))
     x_train, y_train, x_test, y_test = arrays
+    _check_nonempty(spec, y_train, y_test, origin=_origin(dataset_config))
     zca = None
     if dataset_config.get("zca", False):
         zca = fit_zca(x_train.reshape(x_train.shape[0], -1).astype(np.float32) / 255.0)
@@ -297,17 +317,67 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x_train, y_train, x_test, y_test
 
 
+_NPZ_FORMAT = ("a NumPy .npz (np.savez) holding uint8 NHWC images x_train and x_test and integer "
+               "labels y_train and y_test")
+
+
+def _how_to_get(spec: DatasetSpec) -> str:
+    """How to provide dataset `spec` when its file is missing: TFDS (if it has a source) or an npz."""
+    npz = f"or write {_NPZ_FORMAT} and set --config.dataset.path to it"
+    if spec.tfds_name is None:
+        return f"Write {_NPZ_FORMAT} and set --config.dataset.path to it."
+    return (f"Get {spec.name} with TFDS (needs TensorFlow to build: `tfds build {spec.tfds_name} "
+            f"--data_dir=DIR --file_format=array_record`, then run with "
+            f"--config.dataset.source=tfds --config.dataset.data_dir=DIR), {npz}.")
+
+
 def _load_npz(spec: DatasetSpec, path: str) -> tuple[np.ndarray, ...]:
     """Reads and validates the four arrays of an .npz file."""
-    with np.load(path, allow_pickle=False) as npz:
+    if not os.path.isfile(path):
+        raise errors.UserError(
+            f"Dataset file {path} does not exist (dataset.path; a relative path is from the "
+            f"current directory, {os.getcwd()}). {_how_to_get(spec)}")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        # Pickled or random bytes included: object arrays are never loaded (allow_pickle stays off).
+        raise errors.UserError(
+            f"Dataset file {path} is not a readable .npz ({type(error).__name__}); it must be "
+            f"{_NPZ_FORMAT}.") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):  # a single .npy array
+        raise errors.UserError(f"Dataset file {path} holds one array, not an .npz; it must be "
+                               f"{_NPZ_FORMAT}.")
+    with npz:
         missing = [k for k in _NPZ_KEYS if k not in npz.files]
         if missing:
-            raise ValueError(
+            raise errors.UserError(
                 f"{path}: missing arrays {missing}; expected keys {list(_NPZ_KEYS)}, "
                 f"found {sorted(npz.files)}."
             )
-        arrays = {k: npz[k] for k in _NPZ_KEYS}
+        try:
+            arrays = {k: npz[k] for k in _NPZ_KEYS}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+            raise errors.UserError(  # e.g. object arrays, which are never unpickled
+                f"Dataset file {path}: its arrays cannot be read ({type(error).__name__}); it "
+                f"must be {_NPZ_FORMAT}.") from None
     return _validated(spec, arrays, origin=path)
+
+
+def _origin(dataset_config) -> str:
+    """Where a dataset config reads from, for messages."""
+    source = dataset_config.source
+    if source == "npz":
+        return dataset_config.get("path", "")
+    if source == "tfds":
+        return f"TFDS (data_dir={dataset_config.get('data_dir', '') or 'default'})"
+    return "scikit-learn's digits"
+
+
+def _check_nonempty(spec: DatasetSpec, y_train: np.ndarray, y_test: np.ndarray,
+                    origin: str) -> None:
+    for split, labels in (("train", y_train), ("test", y_test)):
+        if len(labels) == 0:
+            raise errors.UserError(f"{origin}: the {split} split of {spec.name!r} is empty.")
 
 
 def _validated(
@@ -322,17 +392,17 @@ def _validated(
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != spec.image_shape:
-            raise ValueError(
+            raise errors.UserError(
                 f"{origin}: x_{split} for dataset {spec.name!r} must be {expected}; "
                 f"found {x.dtype} with shape {x.shape}."
             )
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or len(y) != len(x):
-            raise ValueError(
+            raise errors.UserError(
                 f"{origin}: y_{split} must be integer labels of shape ({len(x)},) to match "
                 f"x_{split}; found {y.dtype} with shape {y.shape}."
             )
         if len(y) and (y.min() < 0 or y.max() >= spec.num_classes):
-            raise ValueError(
+            raise errors.UserError(
                 f"{origin}: y_{split} for dataset {spec.name!r} must lie in "
                 f"[0, {spec.num_classes}); found values in [{y.min()}, {y.max()}]."
             )
@@ -357,7 +427,7 @@ def _load_tfds(spec: DatasetSpec, data_dir: str) -> tuple[np.ndarray, ...]:
         sources = tfds.data_source(
             name, split=["train", "test"], data_dir=data_dir or None, download=False
         )
-    except (NotImplementedError, FileNotFoundError, AssertionError, KeyError, ValueError) as e:
+    except (NotImplementedError, FileNotFoundError, AssertionError, KeyError, ValueError):
         builder = tfds.builder(name, data_dir=data_dir or None)
         if not builder.is_prepared():
             if name == "tiny_imagenet":
@@ -367,16 +437,16 @@ def _load_tfds(spec: DatasetSpec, data_dir: str) -> tuple[np.ndarray, ...]:
                     f"tfds build {name} --data_dir={builder.data_dir_root} "
                     f"--file_format=array_record   (building needs TensorFlow; reading does not)"
                 )
-            raise FileNotFoundError(
+            raise errors.UserError(
                 f"TFDS dataset {name!r} is not prepared in {builder.data_dir}. "
                 f"Prepare it with: {command}"
-            ) from e
-        raise ValueError(
+            ) from None  # the reader's own traceback says nothing more
+        raise errors.UserError(
             f"TFDS dataset {name!r} at {builder.data_dir} is stored as "
             f"{builder.info.file_format.value}, which has no random access; convert it with "
             f"`tfds convert_format --dataset_version_dir={builder.data_dir} "
             f"--out_file_format=array_record`."
-        ) from e
+        ) from None
     arrays = {}
     for split, source in zip(("train", "test"), sources):
         examples = [source[i] for i in range(len(source))]

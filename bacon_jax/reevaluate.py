@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bacon_jax import checkpointing, config_lib, data, distill, evaluation, models, train
+from bacon_jax import checkpointing, config_lib, data, distill, errors, evaluation, models, train
+from bacon_jax import workdir as workdir_lib
 
 # fold_in tag of an experiment's key; train.py uses 0 (init) and 1 (its own evaluations).
 _REEVAL = 2
@@ -83,12 +84,10 @@ def _lookup(tree, dotted):
 
 
 def check_run_config(config, workdir):
-    """Raises ValueError when `workdir/config.json` names another dataset, method, ipc or expand."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    """Raises UserError when `workdir/config.json` names another dataset, method, ipc or expand."""
+    saved = workdir_lib.read_config(workdir)
+    if saved is None:
         return
-    with open(path) as f:
-        saved = json.load(f)
     current = config_lib.to_dict(config)
     mismatched = [
         f"{key}: run {_lookup(saved, key)!r} vs config {_lookup(current, key)!r}"
@@ -96,7 +95,7 @@ def check_run_config(config, workdir):
         if _lookup(saved, key) is not None and _lookup(saved, key) != _lookup(current, key)
     ]
     if mismatched:
-        raise ValueError(
+        raise errors.UserError(
             f"{workdir} was written by a different config ({', '.join(mismatched)}). Pass the "
             f"--config that produced the run."
         )
@@ -154,21 +153,32 @@ def reevaluate(config, workdir, *, eval_mode=None, command=""):
         The list of entries appended to results.json["reevaluations"], one per architecture.
 
     Raises:
-        FileNotFoundError: no experiment of `workdir` has a saved synthetic set.
-        ValueError: the config does not match the run, or names an unknown architecture or mode.
+        errors.UserError: no experiment of `workdir` has a saved synthetic set, the config does not
+            match the run, names an unknown architecture or mode, or one that cannot take the
+            images; or another process holds the workdir's lock (`workdir.locked`: a run still
+            writing there, or another re-evaluation).
     """
     config_lib.validate(config)
     names = models_for(config, eval_mode)
     check_run_config(config, workdir)
     dataset_spec = data.DATASETS[config.dataset.name]
     for name in names:  # before any training
-        models.check_architecture(name, dataset_spec.num_classes, dataset_spec.image_shape)
-    experiments = experiment_dirs(workdir)
+        try:
+            models.check_architecture(name, dataset_spec.num_classes, dataset_spec.image_shape)
+        except ValueError as error:  # names the architecture and the image shape
+            raise errors.UserError(str(error)) from None
+    experiments = experiment_dirs(workdir) if os.path.isdir(workdir) else []
     if not experiments:
-        raise FileNotFoundError(
+        raise errors.UserError(
             f"No saved synthetic set under {workdir} (expected exp<e>/synthetic/, written when an "
             f"experiment finishes)."
         )
+    with workdir_lib.locked(workdir):
+        return _reevaluate(config, workdir, names, experiments, eval_mode, command)
+
+
+def _reevaluate(config, workdir, names, experiments, eval_mode, command):
+    """`reevaluate` once everything is checked and the workdir is locked."""
     dataset = data.load_dataset(config.dataset)
     mesh = train.make_mesh(config)
     spec = distill.spec_from_config(config, dataset.spec, dataset.max_class_size, mesh=mesh)
@@ -183,13 +193,13 @@ def reevaluate(config, workdir, *, eval_mode=None, command=""):
                 model_key(int(config.seed), exp, name), images, labels, test_images, test_labels,
                 dataset.preprocessing, int(config.eval.num_eval), eval_spec,
             )
-            accuracies[name].extend(np.asarray(values).tolist())
+            accuracies[name].extend(train.percent(values).tolist())
             logging.info("[exp %d] %s: %.2f +- %.2f", exp, name, 100 * np.mean(values),
                          100 * np.std(values))
     timestamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     entries = []
     for name in names:
-        summary = train.summarize(accuracies[name])
+        summary = train.summarize(accuracies[name])  # in percent
         entries.append({
             "model": name,
             **summary,

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bacon_jax import data, losses, models, sgd
+from bacon_jax import data, errors, losses, models, sgd
 
 # Separates the teachers' keys from the distillation's (which fold the experiment index into the
 # same PRNGKey(config.seed)).
@@ -226,7 +226,7 @@ def pretrain_teachers(config, workdir):
         The list of the teachers' metadata dicts (with `test_accuracy`).
 
     Raises:
-        ValueError: `workdir` holds a teacher written for other settings.
+        errors.UserError: `workdir` holds a teacher written for other settings.
     """
     num_teachers = int(config.cmi.num_teachers)
     if num_teachers < 1:
@@ -248,8 +248,9 @@ def pretrain_teachers(config, workdir):
             if mismatched:
                 details = ", ".join(f"{k}: saved {a!r} vs config {b!r}"
                                     for k, (a, b) in mismatched.items())
-                raise ValueError(f"{path} holds a teacher written with other settings ({details}); "
-                                 "use a new --workdir.")
+                raise errors.UserError(
+                    f"{path} holds a teacher written with other settings ({details}); use a new "
+                    "--workdir.")
             logging.info("Teacher %d already in %s (test acc %.4f); skipping", index, path,
                          saved["test_accuracy"])
             written.append(saved)
@@ -294,13 +295,13 @@ def load_teachers(teacher_dir, dataset_name, image_shape, num_classes, zca=None)
         of size T (`{'params': ...}`, plus `batch_stats` for BatchNorm teachers).
 
     Raises:
-        FileNotFoundError: `teacher_dir` is missing or holds no teacher.
-        ValueError: a teacher was trained for another dataset, image shape, class count or
-            preprocessing, or the teachers use different architectures.
+        errors.UserError: `teacher_dir` is missing or holds no teacher, a teacher was trained for
+            another dataset, image shape, class count or preprocessing, or the teachers use
+            different architectures.
     """
     teacher_dir = os.path.abspath(teacher_dir) if teacher_dir else ""
     if not teacher_dir or not os.path.isdir(teacher_dir):
-        raise FileNotFoundError(
+        raise errors.UserError(
             f"CMI teacher directory {teacher_dir or '(cmi.teacher_dir is empty)'} does not exist. "
             f"Pretrain the teachers first: `{_pretrain_command(dataset_name, teacher_dir or '<dir>')}`"
             ", then set cmi.teacher_dir to that directory."
@@ -309,7 +310,7 @@ def load_teachers(teacher_dir, dataset_name, image_shape, num_classes, zca=None)
         int(m.group(1)) for m in map(_TEACHER_DIR.match, os.listdir(teacher_dir)) if m
     )
     if not indices:
-        raise FileNotFoundError(
+        raise errors.UserError(
             f"CMI teacher directory {teacher_dir} holds no teacher (no teacher_<i> checkpoint). "
             f"Pretrain them with `{_pretrain_command(dataset_name, teacher_dir)}`."
         )
@@ -323,7 +324,7 @@ def load_teachers(teacher_dir, dataset_name, image_shape, num_classes, zca=None)
         meta = _read_meta(path)
         found = {k: meta.get(k) for k in expected}
         if found != expected:
-            raise ValueError(
+            raise errors.UserError(
                 f"CMI teacher {path} was trained for dataset {meta.get('dataset')!r} "
                 f"(image_shape {meta.get('image_shape')}, {meta.get('num_classes')} classes, "
                 f"zca {meta.get('zca')}), but this run distills dataset {dataset_name!r} "
@@ -338,7 +339,7 @@ def load_teachers(teacher_dir, dataset_name, image_shape, num_classes, zca=None)
                 lambda: models.init_model(model, jax.random.PRNGKey(0), image_shape)
             )
         elif meta["model"] != model_name:
-            raise ValueError(
+            raise errors.UserError(
                 f"CMI teachers in {teacher_dir} mix architectures: {model_name!r} and "
                 f"{meta['model']!r} ({path}); keep one architecture per directory."
             )

@@ -4,6 +4,12 @@ Reproduce (IPC 1 | 10 | 50):
     python experiments/run.py --config=configs/mnist.py:ipc10 --workdir=/tmp/mnist_ipc10
     python experiments/run.py --config=configs/mnist.py:ipc10,method=idm --workdir=/tmp/mnist_idm10
 
+Data: `../shared/data/mnist.npz` (uint8 NHWC x_train/x_test, integer y_train/y_test; relative to
+the repository root), which a fresh clone does not have. Or TFDS: build it once with
+`tfds build mnist --data_dir=/data/tfds --file_format=array_record` (needs TensorFlow) and add
+`--config.dataset.source=tfds --config.dataset.data_dir=/data/tfds`. Without either, the run stops
+at once with a message saying this.
+
 Published (BACON README, ConvNet): BACON 94.15 / 97.3 / 98.01, IDM 93.82 / 96.26 / 97.01,
 DM 89.2 / 97.3 / 94.8 at IPC 1 / 10 / 50. The settings follow SPEC A6 (the SVHN/CIFAR-10 command
 for the same IPC). The reference repository did hold an MNIST script in its history

@@ -20,7 +20,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from bacon_jax import config_lib, models, reevaluate
+from bacon_jax import errors, models, reevaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and preset of the run, e.g. configs/mnist.py:ipc10.",
@@ -44,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_lib.parse_flags)
+    errors.run_script(main)

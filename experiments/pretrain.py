@@ -16,7 +16,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from bacon_jax import config_lib, teacher
+from bacon_jax import errors, teacher
+from bacon_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and preset, e.g. configs/mnist.py:ipc10.", lock_config=True
@@ -30,8 +31,9 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.info("JAX %s, process %d/%d, local devices: %s", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.local_devices())
-    teacher.pretrain_teachers(_CONFIG.value, _WORKDIR.value)
+    with workdir_lib.locked(_WORKDIR.value):  # one writer per teacher directory
+        teacher.pretrain_teachers(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_lib.parse_flags)
+    errors.run_script(main)

@@ -4,7 +4,10 @@
     python experiments/run.py --config=configs/mnist.py:ipc10,method=dm --workdir=/tmp/mnist_dm \
         --config.iterations=2000
 
-Rerunning the same command with the same --workdir resumes from the latest checkpoint.
+Rerunning the same command with the same --workdir resumes from the latest checkpoint; a rerun
+whose config would relabel the run's results is refused (README, "Rerunning into a workdir").
+Errors you can fix end with one `ERROR:` line. `--help` also lists the config files, presets,
+datasets, methods, architectures and fields; `--library_logs` shows the libraries' INFO logs.
 """
 
 from absl import app
@@ -13,7 +16,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from bacon_jax import config_lib, train
+from bacon_jax import errors, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and preset, e.g. configs/mnist.py:ipc10.", lock_config=True
@@ -58,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_lib.parse_flags)
+    errors.run_script(main)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bacon_jax import config_lib, losses, models, teacher
+from bacon_jax import config_lib, errors, losses, models, teacher
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 
@@ -152,13 +152,13 @@ def test_cmi_term_samples_a_teacher_inside_jit(digits_teachers):
 
 def test_load_teachers_errors(tmp_path, digits_teachers):
     missing = tmp_path / "nowhere"
-    with pytest.raises(FileNotFoundError, match="nowhere.*experiments/pretrain.py"):
+    with pytest.raises(errors.UserError, match="nowhere.*experiments/pretrain.py"):
         teacher.load_teachers(str(missing), "digits", (8, 8, 1), 10)
-    with pytest.raises(FileNotFoundError, match="cmi.teacher_dir is empty"):
+    with pytest.raises(errors.UserError, match="cmi.teacher_dir is empty"):
         teacher.load_teachers("", "digits", (8, 8, 1), 10)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="holds no teacher"):
+    with pytest.raises(errors.UserError, match="holds no teacher"):
         teacher.load_teachers(str(empty), "digits", (8, 8, 1), 10)
     # The digits teachers, asked for by an MNIST run: both datasets are named.
     _, workdir, _ = digits_teachers

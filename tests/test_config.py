@@ -6,6 +6,7 @@ preset must parse and validate. The resolved values are checked against the tabl
 """
 
 import importlib.util
+import json
 import os
 import pathlib
 import subprocess
@@ -479,11 +480,83 @@ def test_scripts_report_a_bad_config_flag_without_a_traceback(tmp_path, arg, fla
         ("ipc10,num_exp=0", "num_exp must be >= 1"),
         ("ipc10,train_net_num=2", "train_net_num"),
         ("ipc10,fetch_net_num=5", "fetch_net_num"),
+        ("ipc10,checkpoint_every=0", "checkpoint_every must be >= 1, got 0"),
+        ("ipc10,log_every=0", "log_every must be >= 1, got 0"),
+        ("ipc10,lr_img=-1", "lr_img must be > 0, got -1.0"),
+        ("ipc10,net_momentum=1", "net_momentum must be in [0, 1), got 1.0"),
     ],
 )
 def test_validate_rejects_bad_numbers(arg, needle):
     config = get_config("cifar10", arg)
     assert needle in _error(lambda: config_lib.validate(config))
+
+
+def _numeric_fields(config):
+    return [field for field in config_lib.leaf_fields(config)
+            if isinstance(config_lib.lookup(config, field), (int, float))
+            and not isinstance(config_lib.lookup(config, field), bool)]
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_every_numeric_field_has_a_range(name):
+    assert set(_numeric_fields(get_config(name))) <= set(config_lib.NUMERIC_RANGES)
+    assert set(config_lib.NUMERIC_RANGES) <= set(config_lib.leaf_fields(get_config(name)))
+
+
+@pytest.mark.parametrize("field", sorted(config_lib.NUMERIC_RANGES))
+def test_every_numeric_field_is_range_checked(field):
+    config = get_config("default")
+    node, leaf = config_lib._field_parent(config, field)  # pylint: disable=protected-access
+    bad_values = [-1] if isinstance(node[leaf], int) else [-1.0, float("nan"), float("inf")]
+    for bad in bad_values:
+        node[leaf] = bad
+        assert _error(lambda: config_lib.validate(config)).startswith(f"{field} must be ")
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_every_field_says_how_it_may_change_on_a_rerun(name):
+    fields = set(config_lib.leaf_fields(get_config(name)))
+    assert fields == set(config_lib.RERUN_FIELDS)  # a new field must be classified
+    kinds = {config_lib.NEUTRAL, config_lib.EVALUATION, config_lib.GROW, config_lib.MATCH}
+    assert set(config_lib.RERUN_FIELDS.values()) <= kinds
+
+
+def test_rerun_differences():
+    saved = json.loads(json.dumps(config_lib.to_dict(get_config("digits", "ipc10"))))
+    rerun = get_config("digits", "ipc10,iterations=400,num_exp=3,eval.num_eval=1,log_every=1,"
+                                 "num_devices=2,dataset.data_dir=/elsewhere")
+    assert config_lib.rerun_differences(saved, rerun) == []  # grown, re-evaluated, neutral
+    rerun = get_config("digits", "ipc10,iterations=100,lr_img=5,eval.every=7,dsa_families=flip")
+    assert config_lib.rerun_differences(saved, rerun) == [
+        ("dsa_families", list(saved["dsa_families"]), ["flip"]), ("eval.every", 2000, 7),
+        ("iterations", 200, 100), ("lr_img", 1.0, 5.0)]
+    del saved["cmi"]  # a config.json written before a field existed: that field is not compared
+    assert config_lib.rerun_differences(saved, get_config("digits", "ipc10,cmi.weight=3")) == []
+
+
+def test_help_lists_what_the_code_accepts():
+    text = config_lib.describe_configs(str(CONFIG_DIR))
+    for name in CONFIG_NAMES:
+        assert f"{name}.py: presets {', '.join(_presets(name)) or 'none'}" in text
+    for names in (data.DATASETS, config_lib.METHODS, models.MODEL_NAMES):
+        assert ", ".join(names) in text
+    base = load_module("default").get_base_config()
+    for field in config_lib.leaf_fields(base):
+        assert f"  {field} = {config_lib.lookup(base, field)!r}" in text
+    assert "  lr_img = 0.2  # contract: image learning rate" in text
+
+
+def test_missing_config_file_lists_the_available_ones(tmp_path):
+    message = _error(lambda: config_lib.check_config_flags(
+        ["run.py", f"--config={CONFIG_DIR / 'mnsit.py'}:ipc10"]))
+    assert "mnsit.py' does not exist; available: " in message
+    assert all(f"{name}.py" in message for name in CONFIG_NAMES)
+    message = _error(lambda: config_lib.check_config_flags(
+        [str(CONFIG_DIR.parent / "experiments" / "run.py"), f"--config={tmp_path / 'x.py'}"]))
+    assert "mnist.py" in message  # the configs beside the scripts
+    message = _error(lambda: config_lib.check_config_flags(
+        ["run.py", f"--config={CONFIG_DIR / 'mnist.py'}:ipc7"]))
+    assert "Unknown preset 'ipc7'" in message
 
 
 # SPEC 7.3: the reference's per-setting lambdas (DM: main_DM comments; IDM/BACON: IDC's per-class

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from bacon_jax import data
+from bacon_jax import data, errors
 
 
 def _config(name="digits", source="digits", path="", data_dir="", zca=False):
@@ -113,6 +113,57 @@ def test_npz_labels_must_match_images(tmp_path):
     _write_npz(path, y_test=np.zeros(5, np.int64))
     with pytest.raises(ValueError, match="y_test"):
         data.load_dataset(_config(source="npz", path=str(path)))
+
+
+def test_missing_npz_says_how_to_get_the_dataset(tmp_path):
+    missing = tmp_path / "mnist.npz"
+    with pytest.raises(errors.UserError) as err:
+        data.load_dataset(_config(name="mnist", source="npz", path=str(missing)))
+    msg = str(err.value)
+    assert f"{missing} does not exist" in msg
+    assert "tfds build mnist --data_dir=DIR --file_format=array_record" in msg
+    assert "--config.dataset.source=tfds" in msg and "x_train" in msg and "y_test" in msg
+
+
+@pytest.mark.parametrize("content", [b"", bytes(range(256)) * 4, b"PK\x03\x04garbage"])
+def test_unreadable_npz_is_named_without_suggesting_pickles(tmp_path, content):
+    path = tmp_path / "random.npz"
+    path.write_bytes(content)
+    with pytest.raises(errors.UserError) as err:
+        data.load_dataset(_config(source="npz", path=str(path)))
+    msg = str(err.value)
+    assert f"{path} is not a readable .npz" in msg and "np.savez" in msg
+    assert "pickle" not in msg.lower()
+
+
+def test_object_arrays_in_an_npz_are_not_unpickled(tmp_path):
+    path = tmp_path / "objects.npz"
+    _write_npz(path, y_train=np.array([{"label": 1}] * 12, dtype=object))
+    with pytest.raises(errors.UserError) as err:
+        data.load_dataset(_config(source="npz", path=str(path)))
+    assert "its arrays cannot be read (ValueError)" in str(err.value)
+    assert "pickle" not in str(err.value).lower()
+
+
+def test_npy_instead_of_npz(tmp_path):
+    path = tmp_path / "one.npy"
+    np.save(path, np.zeros(3))
+    with pytest.raises(errors.UserError, match="holds one array, not an .npz"):
+        data.load_dataset(_config(source="npz", path=str(path)))
+
+
+def test_empty_split_and_missing_class_are_named(tmp_path):
+    path = tmp_path / "empty_test.npz"
+    _write_npz(path, x_test=np.zeros((0, 8, 8, 1), np.uint8), y_test=np.zeros(0, np.int64))
+    with pytest.raises(errors.UserError, match="the test split of 'digits' is empty"):
+        data.load_dataset(_config(source="npz", path=str(path)))
+    path = tmp_path / "no_class_4.npz"
+    labels = np.arange(20) % 10
+    labels[labels == 4] = 5
+    _write_npz(path, n_train=20, y_train=labels)
+    dataset = data.load_dataset(_config(source="npz", path=str(path)))  # loads: evaluation may
+    with pytest.raises(errors.UserError, match=r"classes \[4\] have no training example"):
+        dataset.check_every_class_present()
 
 
 def test_unknown_name_and_source():
@@ -333,7 +384,7 @@ def test_tfds_mock(name, tmp_path):
 
 
 def test_tfds_not_prepared(tmp_path):
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(errors.UserError) as err:
         data.load_dataset(_config(name="cifar10", source="tfds", data_dir=str(tmp_path)))
     msg = str(err.value)
     assert "'cifar10'" in msg and str(tmp_path) in msg and "tfds build cifar10" in msg

@@ -141,7 +141,7 @@ def test_grid_png_has_one_row_per_class(tmp_path):
         export.grid(rgb, 3, 2)
 
 
-def _read_events(directory):
+def read_events(directory):
     """{tag: {step: value}} from the TensorBoard event files in `directory` (TFRecord framing)."""
     from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
 
@@ -165,7 +165,7 @@ def test_summary_writer_writes_tensorboard_scalars(tmp_path):
     assert writer.active
     writer.write_scalars(3, {"train/loss": 1.5, "eval/ConvNet": np.float32(42.0)})
     writer.close()
-    assert _read_events(str(tmp_path)) == {"train/loss": {3: 1.5}, "eval/ConvNet": {3: 42.0}}
+    assert read_events(str(tmp_path)) == {"train/loss": {3: 1.5}, "eval/ConvNet": {3: 42.0}}
     silent = export.create_summary_writer(str(tmp_path / "other"), just_logging=True)
     silent.write_scalars(0, {"x": 1.0})
     silent.close()
@@ -187,7 +187,7 @@ def test_run_writes_npz_pngs_and_events(tmp_path):
     for name in ("images_it1.png", "images_it2.png", "synthetic.png"):
         assert Image.open(str(exp_dir / name)).size == (1 * 34 + 2, 10 * 34 + 2)
     if importlib.util.find_spec("tensorboardX") is not None:
-        events = _read_events(str(exp_dir))
+        events = read_events(str(exp_dir))
         assert set(events["eval/ConvNetW8"]) == {1, 2}
         assert set(events["train/image_rms"]) == {0, 1}
         final = json.loads((exp_dir / "final.json").read_text())["accuracies"]["ConvNetW8"]

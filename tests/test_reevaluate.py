@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import socket
 import sys
 from unittest import mock
 
@@ -10,7 +11,7 @@ from absl import flags
 import numpy as np
 import pytest
 
-from bacon_jax import reevaluate, train
+from bacon_jax import errors, reevaluate, train, workdir
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 # A random-real-image "run" with the x4 expansion: no distillation to compile, but a saved set that
@@ -94,6 +95,18 @@ def test_config_of_another_run_is_refused(run_dir):
         reevaluate.reevaluate(_config(ARG.replace("ipc1", "ipc10")), run_dir)
 
 
+def test_a_run_still_writing_is_not_reevaluated(run_dir):
+    lock = os.path.join(run_dir, workdir.LOCK_NAME)
+    with open(lock, "w") as f:  # the parent of this process: alive, on this host
+        json.dump({"pid": os.getppid(), "host": socket.gethostname(), "started": "now",
+                   "command": "python experiments/run.py"}, f)
+    try:
+        with pytest.raises(errors.UserError, match=f"in use by process {os.getppid()}"):
+            reevaluate.reevaluate(_config(), run_dir)
+    finally:
+        os.remove(lock)
+
+
 def test_architecture_too_big_for_the_images_fails_early(tmp_path):
     # LeNet and VGG11 do not fit 8x8 digits: refused before any evaluation or file access.
     # Pool M is MLP, ConvNet, LeNet, AlexNet, VGG11, ResNet18: LeNet is the first that cannot fit.
@@ -102,7 +115,7 @@ def test_architecture_too_big_for_the_images_fails_early(tmp_path):
 
 
 def test_missing_synthetic_set(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No saved synthetic set"):
+    with pytest.raises(errors.UserError, match="No saved synthetic set"):
         reevaluate.reevaluate(_config(), str(tmp_path))
 
 

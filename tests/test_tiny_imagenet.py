@@ -17,7 +17,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from bacon_jax import data, tiny_imagenet
+from bacon_jax import data, errors, tiny_imagenet
 
 WNIDS = ("n03444034", "n01443537", "n02124075")  # the archive's order, deliberately not sorted
 
@@ -146,7 +146,7 @@ def test_not_prepared_names_dataset_dir_and_command(tmp_path):
     config = ml_collections.ConfigDict(
         dict(name="tiny_imagenet", source="tfds", data_dir=str(tmp_path), path="", zca=False)
     )
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(errors.UserError) as err:
         data.load_dataset(config)
     msg = str(err.value)
     assert "'tiny_imagenet'" in msg and str(tmp_path) in msg
