@@ -23,7 +23,13 @@ def state_metadata(config, dataset_spec):
         "expand": bool(config.expand),
         "net_num": int(config.net_num),
         "seed": int(config.seed),
+        "validation_size": int(config.dataset.get("validation_size", 0)),
     }
+
+
+# Fields added to `state_metadata` after checkpoints were first written, with the value a
+# checkpoint without them was written under (so those still resume).
+_ADDED_LATER = {"validation_size": 0}
 
 
 def make_manager(directory, max_to_keep=2):
@@ -67,7 +73,8 @@ def check_resumable(manager, metadata, max_step):
         return None
     saved = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     mismatched = {
-        key: (saved.get(key), value) for key, value in metadata.items() if saved.get(key) != value
+        key: (saved.get(key, _ADDED_LATER.get(key)), value) for key, value in metadata.items()
+        if saved.get(key, _ADDED_LATER.get(key)) != value
     }
     if mismatched:
         details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in mismatched.items())

@@ -7,7 +7,10 @@ followed by comma-separated overrides, e.g. `ipc10` or `ipc10,method=idm,iterati
 
 import ml_collections
 
-METHODS = ("random", "dm", "idm", "bacon")
+METHODS = ("random", "dm", "idm", "bacon", "herding", "kcenter")
+# Methods that select real images instead of distilling (no iterations): random real images and
+# the coreset baselines of coreset.py.
+SELECTION_METHODS = ("random", "herding", "kcenter")
 IPCS = (1, 10, 50)
 IMAGE_UPDATES = ("per_class", "joint")
 
@@ -107,6 +110,8 @@ METHOD_DEFAULTS = {
            "batch_real": 256, "eval.every": 2000},
     "idm": {},
     "bacon": {},
+    "herding": {"expand": False},
+    "kcenter": {"expand": False},
 }
 
 
@@ -119,7 +124,8 @@ def _set_fields(config, fields):
 # CMI weights (lambda) when a config file gives none for a setting (SPEC 7.3, A8): DM takes the
 # reference's active value; IDM/BACON add the term per class, as IDC does, and take IDC's active
 # per-class value.
-DEFAULT_CMI_WEIGHTS = {"dm": 8000.0, "idm": 100.0, "bacon": 100.0, "random": 0.0}
+DEFAULT_CMI_WEIGHTS = {"dm": 8000.0, "idm": 100.0, "bacon": 100.0, "random": 0.0,
+                       "herding": 0.0, "kcenter": 0.0}
 
 
 def cmi_weight(cmi_weights, preset, method):
@@ -157,8 +163,8 @@ def build(base, presets, arg, method_presets=None, cmi_weights=None):
     _set_fields(base, (method_presets or {}).get((preset, method), {}))
     base.method_defaults = method
     if cmi_switch == "on":
-        if method == "random":
-            raise ValueError("cmi=on needs a distillation method (dm, idm, bacon), not random.")
+        if method in SELECTION_METHODS:
+            raise ValueError(f"cmi=on needs a distillation method (dm, idm, bacon), not {method}.")
         base.cmi.weight = cmi_weight(cmi_weights, preset, method)
     apply_overrides(base, overrides)
     return base
@@ -204,6 +210,11 @@ def validate(config):
                          f"{config.eval.num_eval}.")
     if config.num_exp < 1:
         raise ValueError(f"num_exp must be >= 1, got {config.num_exp}.")
+    if config.dataset.get("validation_size", 0) < 0:
+        raise ValueError(f"dataset.validation_size must be >= 0 (images per class held out), got "
+                         f"{config.dataset.validation_size}.")
+    if "coreset" in config and config.coreset.epochs < 1:
+        raise ValueError(f"coreset.epochs must be >= 1, got {config.coreset.epochs}.")
     if config.method in ("idm", "bacon"):
         if config.train_net_num != 1:
             raise ValueError(

@@ -6,8 +6,14 @@ scalars), `exp{e}/evals.jsonl` (every evaluation), `exp{e}/synthetic/` (the fina
 un-expanded, as an Orbax pytree), its export `exp{e}/synthetic.npz` + `synthetic.png` (export.py),
 `exp{e}/images_it{it}.png` (the set at every evaluation), TensorBoard event files of the scalars and
 accuracies in `exp{e}/`, and `exp{e}/final.json` (its accuracies). The run writes
-`config.json` and `results.json` (per architecture: all accuracies, mean and population std in
-percent over num_exp x num_eval networks, SPEC 8 / A9) at the top level.
+`config.json`, `manifest.json` (manifest.py: versions, commit, config hash, data fingerprint,
+devices, wall time per phase) and `results.json` (per architecture: all accuracies, mean and
+population std in percent over num_exp x num_eval networks, SPEC 8 / A9) at the top level.
+
+With `dataset.validation_size` > 0 the held-out images never reach distillation or coreset
+selection; every evaluation also scores the validation split, and validation.py keeps the
+best-by-validation snapshot (`exp{e}/best_by_validation.{json,npz}`), reported in results.json
+beside the final one. `method=herding|kcenter` replace the initial set by a coreset (coreset.py).
 
 Reported accuracy is the evaluation of the state after `iterations` passes (the reference's
 it == Iteration evaluation); the reference's one extra pass after it is not run (quirk 12).
@@ -20,10 +26,10 @@ import time
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from bacon_jax import checkpointing, config_lib, data, distill, evaluation, export, models, parallel
+from bacon_jax import checkpointing, config_lib, coreset, data, distill, export, manifest
+from bacon_jax import models, parallel, validation
 from bacon_jax import teacher as teacher_lib
 
 # fold_in tags of an experiment's key.
@@ -48,15 +54,7 @@ def _write_json(path, obj):
         os.replace(tmp, path)
 
 
-def summarize(accuracies):
-    """{'accuracies', 'mean', 'std'} in percent; std is the population std (np.std, ddof 0)."""
-    values = np.asarray(accuracies, np.float64) * 100.0
-    return {
-        "accuracies": [float(v) for v in values],
-        "mean": float(values.mean()),
-        "std": float(values.std()),
-        "num_runs": int(values.size),
-    }
+summarize = validation.summarize  # percent, population std (SPEC 8 / A9)
 
 
 def make_mesh(config):
@@ -69,19 +67,10 @@ def make_mesh(config):
 
 
 def evaluate_state(state, spec, config, dataset, key):
-    """Evaluates the state's synthetic set on every architecture of `config.eval.models`."""
-    images, labels = distill.synthetic_set(state, spec)
-    images, labels = distill.training_set(images, labels, spec)
-    test_images = jnp.asarray(dataset.x_test)
-    test_labels = jnp.asarray(dataset.y_test, jnp.int32)
-    results = {}
-    for index, name in enumerate(config.eval.models):
-        eval_spec = evaluation.spec_from_config(config, name, dataset.spec, mesh=spec.mesh)
-        results[name] = evaluation.evaluate_synthetic(
-            jax.random.fold_in(key, index), images, labels, test_images, test_labels,
-            dataset.preprocessing, config.eval.num_eval, eval_spec,
-        )
-    return results
+    """Scores of the state's synthetic set on every architecture of `config.eval.models`: test,
+    and validation when the dataset holds a split (validation.Scores)."""
+    images, labels = distill.training_set(*distill.synthetic_set(state, spec), spec)
+    return validation.evaluate(key, images, labels, config, dataset, spec.mesh)
 
 
 class _Progress:
@@ -138,8 +127,8 @@ def _record_evaluation(writer, exp_dir, it, state, spec, dataset, accuracies):
 
 
 def distill_iterations(config):
-    """Distillation iterations of a run: `config.iterations`, or 0 for `method=random`."""
-    return 0 if config.method == "random" else int(config.iterations)
+    """Distillation iterations of a run: `config.iterations`, or 0 for random/coreset selection."""
+    return 0 if config.method in config_lib.SELECTION_METHODS else int(config.iterations)
 
 
 def final_evaluation_settings(config):
@@ -175,8 +164,10 @@ def check_workdir(config, workdir, dataset_spec):
     parallel.barrier("bacon_jax: workdir checked")
 
 
-def run_experiment(config, exp, key, dataset, real, workdir):
+def run_experiment(config, exp, key, dataset, real, workdir, clock=None):
     """Distills one synthetic set (resuming from the latest checkpoint) and evaluates it.
+
+    `clock` (a manifest.PhaseClock) is charged with the wall time of each phase.
 
     Returns:
         {architecture: np.ndarray of num_eval accuracies}.
@@ -197,6 +188,10 @@ def run_experiment(config, exp, key, dataset, real, workdir):
     state = checkpointing.restore_latest(manager, template, metadata, iterations)
     if state is None:
         state = init_fn(init_key, real)
+        if config.method in coreset.SELECTORS:
+            state = coreset.select_into_state(state, config, dataset, init_key, exp_dir)
+    clock = clock or manifest.PhaseClock()
+    clock.lap("init", exp)
     start = int(state.step)
     evaluation_settings = final_evaluation_settings(config)
     if os.path.exists(final_path) and start == iterations:
@@ -231,13 +226,18 @@ def run_experiment(config, exp, key, dataset, real, workdir):
     pending = []
     for it in range(start, iterations):
         if it > 0 and it % config.eval.every == 0 and config.eval.intermediate:
-            accs = evaluate_state(state, spec, config, dataset, jax.random.fold_in(eval_key, it))
+            clock.lap("distill", exp)
+            scores = evaluate_state(state, spec, config, dataset, jax.random.fold_in(eval_key, it))
+            validation.record(exp_dir, it, scores, *distill.synthetic_set(state, spec),
+                              dataset.preprocessing, config)
+            accs = scores.test
             for name, values in accs.items():
                 summary = summarize(values)
                 _append_jsonl(evals_path, {"iteration": it, "model": name, **summary})
                 logging.info("[exp %d] it %d %s: %.2f +- %.2f", exp, it, name, summary["mean"],
                              summary["std"])
             _record_evaluation(writer, exp_dir, it, state, spec, dataset, accs)
+            clock.lap("evaluate", exp)
         state, metrics = step_fn(state, real, teacher_variables)
         pending.append((it, metrics))
         done_it = it + 1
@@ -250,6 +250,7 @@ def run_experiment(config, exp, key, dataset, real, workdir):
                 raise SystemExit(f"Preempted at iteration {done_it}; checkpoint saved.")
     if manager.latest_step() != iterations:
         checkpointing.save(manager, iterations, state, metadata)
+    clock.lap("distill", exp)
 
     images, labels = distill.synthetic_set(state, spec)
     checkpointing.save_pytree(
@@ -257,9 +258,12 @@ def run_experiment(config, exp, key, dataset, real, workdir):
     )
     if _is_writer():
         export.export_synthetic(exp_dir, images, labels, dataset.preprocessing, config)
-    accuracies = evaluate_state(
+    clock.lap("export", exp)
+    scores = evaluate_state(
         state, spec, config, dataset, jax.random.fold_in(eval_key, iterations)
     )
+    validation.record(exp_dir, iterations, scores, images, labels, dataset.preprocessing, config)
+    accuracies = scores.test
     for name, values in accuracies.items():
         summary = summarize(values)
         _append_jsonl(evals_path, {"iteration": iterations, "model": name, **summary})
@@ -272,6 +276,7 @@ def run_experiment(config, exp, key, dataset, real, workdir):
         "accuracies": {k: [float(x) for x in v] for k, v in accuracies.items()},
         "evaluation": evaluation_settings,
     })
+    clock.lap("evaluate", exp)
     return accuracies
 
 
@@ -286,7 +291,10 @@ def train_and_evaluate(config, workdir):
         The results dict written to results.json.
     """
     config_lib.validate(config)
+    clock = manifest.PhaseClock()
     dataset = data.load_dataset(config.dataset)
+    train_data_sha256 = manifest.data_fingerprint(dataset)
+    dataset = data.hold_out_validation(dataset, config.dataset.validation_size, config.seed)
     distilled_with = (config.model,) if distill_iterations(config) else ()
     for name in (*distilled_with, *config.eval.models):  # before any distillation is spent
         models.check_architecture(name, dataset.spec.num_classes, dataset.spec.image_shape)
@@ -294,6 +302,8 @@ def train_and_evaluate(config, workdir):
     os.makedirs(workdir, exist_ok=True)
     _write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
     real = distill.real_data_from_dataset(dataset)
+    clock.lap("load")
+    manifest.write_manifest(workdir, config, train_data_sha256, clock)
     logging.info("Dataset %s: %d train / %d test images of shape %s, %d classes", dataset.spec.name,
                  len(dataset.y_train), len(dataset.y_test), dataset.spec.image_shape,
                  dataset.spec.num_classes)
@@ -301,10 +311,11 @@ def train_and_evaluate(config, workdir):
     per_model = {name: [] for name in config.eval.models}
     for exp in range(config.num_exp):
         accuracies = run_experiment(
-            config, exp, jax.random.fold_in(root, exp), dataset, real, workdir
+            config, exp, jax.random.fold_in(root, exp), dataset, real, workdir, clock
         )
         for name, values in accuracies.items():
             per_model[name].extend(np.asarray(values).tolist())
+        manifest.write_manifest(workdir, config, train_data_sha256, clock)
     results = {
         "dataset": config.dataset.name,
         "method": config.method,
@@ -315,6 +326,9 @@ def train_and_evaluate(config, workdir):
         "results": {name: summarize(values) for name, values in per_model.items()},
         "config": config_lib.to_dict(config),
     }
+    selected = validation.selected_results(workdir, config)
+    if selected:
+        results["validation_selected"] = selected
     path = os.path.join(workdir, "results.json")
     if os.path.exists(path):  # keep re-evaluations (experiments/evaluate.py) across reruns
         with open(path) as f:
@@ -322,6 +336,7 @@ def train_and_evaluate(config, workdir):
         if kept:
             results["reevaluations"] = kept
     _write_json(path, results)
+    manifest.write_manifest(workdir, config, train_data_sha256, clock, finished=True)
     for name, summary in results["results"].items():
         logging.info("%s %s ipc%d %s: %.2f +- %.2f (%d runs)", config.dataset.name, config.method,
                      config.ipc, name, summary["mean"], summary["std"], summary["num_runs"])
