@@ -290,9 +290,9 @@ def load_dataset(dataset_config: ml_collections.ConfigDict) -> Dataset:
 def hold_out_validation(dataset: Dataset, per_class: int, seed: int) -> Dataset:
     """Moves `per_class` training images of every class into a validation split (stratified).
 
-    Class c's held-out images are the first `per_class` of a permutation of its training indices
-    drawn from `fold_in(fold_in(PRNGKey(seed), _VALIDATION_TAG), c)`: fixed by the seed, the same
-    for every method and device count. The preprocessing stays that of the whole training set
+    Class c's held-out images are its `per_class` training images with the smallest uniform scores
+    drawn from `fold_in(fold_in(PRNGKey(seed), _VALIDATION_TAG), c)` (a uniformly random subset):
+    fixed by the seed, the same for every method and device count. The preprocessing stays that of the whole training set
     (the published mean/std are, and a ZCA whitening was fitted when the dataset was loaded).
 
     Args:
@@ -320,9 +320,12 @@ def hold_out_validation(dataset: Dataset, per_class: int, seed: int) -> Dataset:
             f"{too_small.tolist()} of {dataset.name!r} (they have {counts[too_small].tolist()}); "
             f"use at most {int(counts.min()) - 1}.")
     root = jax.random.fold_in(jax.random.PRNGKey(seed), _VALIDATION_TAG)
+    # One draw of a static shape for all classes (a permutation per class size would compile once
+    # per size); padding slots beyond a class's count are never read.
+    scores = np.asarray(jax.vmap(lambda c: jax.random.uniform(
+        jax.random.fold_in(root, c), (index.shape[1],)))(np.arange(dataset.num_classes)))
     held = np.sort(np.concatenate([
-        index[c, np.asarray(jax.random.permutation(jax.random.fold_in(root, c), counts[c]))[
-            :per_class]]
+        index[c, np.argsort(scores[c, :counts[c]], kind="stable")[:per_class]]
         for c in range(dataset.num_classes)
     ]))
     keep = np.ones(dataset.num_train, bool)

@@ -66,13 +66,18 @@ def _git(directory, *args):
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def source_revision():
+def source_revision(package_dir=None):
     """{'commit', 'describe', 'dirty'} of the git checkout bacon_jax is imported from.
 
-    {'commit': 'not a checkout'} when the package does not sit in a git work tree (an installed
-    copy) or git is unavailable. `dirty` ignores untracked files.
+    Args:
+        package_dir: the package directory (default: this module's); its parent must be the top
+            of the work tree.
+
+    Returns:
+        {'commit': 'not a checkout'} when the package does not sit at the top of a git work tree
+        (an installed copy) or git is unavailable. `dirty` ignores untracked files.
     """
-    package_dir = os.path.dirname(os.path.abspath(__file__))
+    package_dir = os.path.realpath(package_dir or os.path.dirname(os.path.abspath(__file__)))
     try:
         top = _git(package_dir, "rev-parse", "--show-toplevel")
         if top is None or os.path.dirname(package_dir) != os.path.realpath(top):
