@@ -311,6 +311,9 @@ def prepare(raw, dataset, preprocessing=None):
     else:
         kind = preprocessing or ("pixels" if uint8_input else "normalized")
         source = space_of(kind, dataset)
+        if kind == "pixels" and images.size and images.max() > 2.0:
+            raise ValueError(f"{raw.origin}: 'pixels' are [0, 1] floats, but values reach "
+                             f"{images.max():.4g} (0-255 floats? divide them by 255).")
     images = convert(images, source, dataset.preprocessing)
     counts = np.bincount(labels, minlength=spec.num_classes)
     info = {

@@ -121,6 +121,9 @@ def test_png_folder_of_another_program(tmp_path, digits):
     assert prepared.info["preprocessing"] == "pixels" and prepared.info["ipc"] == 2
     with pytest.raises(ValueError, match="holds uint8 pixels"):
         interop.prepare(raw, digits, "normalized")
+    as_float = interop.RawSet(raw.images.astype(np.float32), raw.labels, "x.npz", "npz")
+    with pytest.raises(ValueError, match="values reach 255 .0-255 floats"):
+        interop.prepare(as_float, digits, "pixels")
 
 
 def test_folder_class_names_sort_as_imagefolder_and_bad_folders_are_refused(tmp_path, digits):
