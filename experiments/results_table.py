@@ -8,7 +8,8 @@ a directory searched recursively for results.json files. Rows per run and archit
 own final evaluation (the reported number, SPEC A9), the architectures it was re-evaluated on
 (experiments/evaluate.py; the latest re-evaluation of an architecture wins), its best-by-validation
 snapshot when the run held out a validation split ("val-selected" in the Run column), and sets
-scored with `evaluate.py --set` (Protocol "imported"; the latest entry per file and architecture).
+scored with `evaluate.py --set` (Protocol "imported", Run the end of the file's path; the latest
+entry per file and architecture).
 Accuracies are mean ± population std over all networks of all experiments, in percent; "Runs" is
 how many networks that is. Protocol: `eval.epochs` (the reference's epoch_eval_train; one more
 epoch runs), networks per set, DSA during evaluation on or off, training on the x4 expansion or
@@ -80,6 +81,11 @@ def _ipc_cell(entry):
     return f"{min(counts)}-{max(counts)}" if counts else "?"
 
 
+def _short_path(path, parts=3):
+    """The last `parts` components of a path: enough to tell `run/exp0/synthetic.pt` apart."""
+    return "/".join(os.path.normpath(path).split(os.sep)[-parts:])
+
+
 def rows_of(results, run="run"):
     """Table rows (dicts) of one results.json; `run` names it in the Run column."""
     config = results.get("config", {})
@@ -111,7 +117,7 @@ def rows_of(results, run="run"):
         cell = protocol(entry.get("eval_epochs"), entry.get("num_eval"), entry.get("dsa"),
                         expand if isinstance(expand, bool) else None, imported=True)
         rows.append(_row(entry, dataset=entry["dataset"], ipc=_ipc_cell(entry), method=method,
-                         architecture=name, protocol=cell, run=os.path.basename(source)))
+                         architecture=name, protocol=cell, run=_short_path(source)))
     return rows
 
 

@@ -79,8 +79,8 @@ EXPECTED = """\
 | cifar10 | 10 | BACON | ConvNet | 1000 ep, 5 nets, DSA, x4 | 62.06 ± 0.44 | 25 | bacon |
 | cifar10 | 10 | BACON | ConvNet | 1000 ep, 5 nets, DSA, x4 | 61.50 ± 0.50 | 25 | bacon (val-selected, it 900, 1000) |
 | cifar10 | 10 | BACON | ResNet18 | 1000 ep, 5 nets, DSA, x4 | 41.00 ± 1.50 | 25 | bacon |
-| cifar10 | 10 | DATM | ConvNet | 300 ep, 2 nets, no DSA, x1, imported | 51.00 ± 1.00 | 2 | images.pt |
-| cifar10 | 9-11 | RDED | ConvNet | 300 ep, 2 nets, no DSA, x1, imported | 20.00 ± 3.00 | 2 | rded |
+| cifar10 | 10 | DATM | ConvNet | 300 ep, 2 nets, no DSA, x1, imported | 51.00 ± 1.00 | 2 | data/datm/images.pt |
+| cifar10 | 9-11 | RDED | ConvNet | 300 ep, 2 nets, no DSA, x1, imported | 20.00 ± 3.00 | 2 | /data/rded |
 """
 
 
