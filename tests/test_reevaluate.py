@@ -192,16 +192,16 @@ def test_readme_commands_score_sets_from_anywhere(run_dir, tmp_path, which, file
     assert 0 <= entry["mean"] <= 100 and entry["source"] == os.path.abspath(local)
 
 
-def test_external_set_keys_and_errors(run_dir, tmp_path):
-    config = _config()
-    config.eval.models = ("ConvNetW8",)
+def test_external_set_keys_and_errors_before_any_training(run_dir, tmp_path):
+    key = reevaluate.import_key(0, 1, "ConvNet")
+    np.testing.assert_array_equal(key, reevaluate.import_key(0, 1, "ConvNet"))
+    for other in (reevaluate.import_key(0, 0, "ConvNet"), reevaluate.import_key(0, 1, "VGG11"),
+                  reevaluate.import_key(1, 1, "ConvNet"), reevaluate.model_key(0, 1, "ConvNet")):
+        assert not np.array_equal(key, other)
     path = os.path.join(run_dir, "exp0", "synthetic.safetensors")
-    first = reevaluate.evaluate_external(config, path, str(tmp_path), expand=False)
-    again = reevaluate.evaluate_external(config, path, str(tmp_path), expand=False)
-    assert first[0]["accuracies"] == again[0]["accuracies"]  # keyed by (seed, set, architecture)
-    assert len(json.load(open(tmp_path / "results.json"))["imports"]) == 2
     with pytest.raises(ValueError, match="records its preprocessing"):
-        reevaluate.evaluate_external(config, path, str(tmp_path), preprocessing="pixels")
+        reevaluate.evaluate_external(_config(), path, str(tmp_path), preprocessing="pixels")
     with pytest.raises(ValueError, match="'LeNet' cannot take images of shape"):
-        reevaluate.evaluate_external(config, str(tmp_path / "none"), str(tmp_path),
+        reevaluate.evaluate_external(_config(), str(tmp_path / "none"), str(tmp_path),
                                      eval_mode="M")
+    assert not (tmp_path / "results.json").exists()
