@@ -1,4 +1,5 @@
-"""Install bacon_jax: `pip install -e .` (library) or `pip install -e .[test]` (with pytest)."""
+"""Install bacon_jax: `pip install -e .` (library), `pip install -e .[test]` (with pytest), and
+`pip install -e .[torch]` to read and write the PyTorch codebases' `.pt` sets."""
 
 import setuptools
 
@@ -31,6 +32,12 @@ setuptools.setup(
         "scikit-learn>=1.3",  # bundled 8x8 digits, the offline default dataset
         "Pillow>=10",  # PNG grids of synthetic images
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow (clu's writer needs TF)
+        "safetensors>=0.4",  # the exact export of synthetic sets (its numpy API; no torch needed)
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # Reading .pt / pickled sets of the PyTorch codebases and writing synthetic.pt. CPU wheels
+        # suffice (tensors are only loaded and saved); CI installs torch==2.13.0.
+        "torch": ["torch>=2.1,<3"],
+    },
 )

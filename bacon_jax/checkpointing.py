@@ -40,7 +40,13 @@ def state_metadata(config, dataset_spec):
         "expand": bool(config.expand),
         "net_num": int(config.net_num),
         "seed": int(config.seed),
+        "validation_size": int(config.dataset.get("validation_size", 0)),
     }
+
+
+# Fields added to `state_metadata` after checkpoints were first written, with the value a
+# checkpoint without them was written under (so those still resume).
+_ADDED_LATER = {"validation_size": 0}
 
 
 def make_manager(directory, max_to_keep=MAX_TO_KEEP):
@@ -90,8 +96,9 @@ def _read_meta(manager, step):
 
 
 def _check_same_config(saved, metadata, path):
+    saved = {key: saved.get(key, _ADDED_LATER.get(key)) for key in metadata}
     mismatched = {
-        key: (saved.get(key), value) for key, value in metadata.items() if saved.get(key) != value
+        key: (saved[key], value) for key, value in metadata.items() if saved[key] != value
     }
     if mismatched:
         details = ", ".join(

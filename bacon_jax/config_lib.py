@@ -16,7 +16,10 @@ import ml_collections
 
 from bacon_jax import errors
 
-METHODS = ("random", "dm", "idm", "bacon")
+METHODS = ("random", "dm", "idm", "bacon", "herding", "kcenter")
+# Methods that select real images instead of distilling (no iterations): random real images and
+# the coreset baselines of coreset.py.
+SELECTION_METHODS = ("random", "herding", "kcenter")
 IPCS = (1, 10, 50)
 IMAGE_UPDATES = ("per_class", "joint")
 
@@ -120,6 +123,8 @@ METHOD_DEFAULTS = {
            "batch_real": 256, "eval.every": 2000},
     "idm": {},
     "bacon": {},
+    "herding": {"expand": False},
+    "kcenter": {"expand": False},
 }
 
 
@@ -132,7 +137,8 @@ def _set_fields(config, fields):
 # CMI weights (lambda) when a config file gives none for a setting (SPEC 7.3, A8): DM takes the
 # reference's active value; IDM/BACON add the term per class, as IDC does, and take IDC's active
 # per-class value.
-DEFAULT_CMI_WEIGHTS = {"dm": 8000.0, "idm": 100.0, "bacon": 100.0, "random": 0.0}
+DEFAULT_CMI_WEIGHTS = {"dm": 8000.0, "idm": 100.0, "bacon": 100.0, "random": 0.0,
+                       "herding": 0.0, "kcenter": 0.0}
 
 
 def cmi_weight(cmi_weights, preset, method):
@@ -171,8 +177,9 @@ def build(base, presets, arg, method_presets=None, cmi_weights=None):
     _set_fields(base, (method_presets or {}).get((preset, method), {}))
     base.method_defaults = method
     if cmi_switch == "on":
-        if method == "random":
-            raise errors.UserError("cmi=on needs a distillation method (dm, idm, bacon), not random.")
+        if method in SELECTION_METHODS:
+            raise errors.UserError(
+                f"cmi=on needs a distillation method (dm, idm, bacon), not {method}.")
         base.cmi.weight = cmi_weight(cmi_weights, preset, method)
     apply_overrides(base, overrides)
     return base
@@ -243,6 +250,12 @@ NUMERIC_RANGES = {
     "cmi.momentum": _MOMENTUM,
     "cmi.weight_decay": _at_least(0),
     "cmi.batch_size": _at_least(1),
+    "dataset.validation_size": _at_least(0),  # training images per class held out; 0 = none
+    "coreset.epochs": _at_least(1),
+    "coreset.lr": _POSITIVE,
+    "coreset.momentum": _MOMENTUM,
+    "coreset.weight_decay": _at_least(0),
+    "coreset.batch_size": _at_least(1),
     "num_devices": _at_least(0),  # 0 = every device
     "checkpoint_every": _at_least(1),
     "log_every": _at_least(1),
@@ -319,6 +332,8 @@ RERUN_FIELDS = {
     "dataset.path": NEUTRAL,
     "dataset.data_dir": NEUTRAL,
     "dataset.zca": MATCH,
+    # The held-out images are taken out of everything the run learns from.
+    "dataset.validation_size": MATCH,
     "model": MATCH,
     "dsa": MATCH,
     "dsa_families": MATCH,
@@ -359,7 +374,16 @@ RERUN_FIELDS = {
     "cmi.momentum": MATCH,
     "cmi.weight_decay": MATCH,
     "cmi.batch_size": MATCH,
+    # The coreset baselines' feature network (method=herding|kcenter).
+    "coreset.epochs": MATCH,
+    "coreset.lr": MATCH,
+    "coreset.momentum": MATCH,
+    "coreset.weight_decay": MATCH,
+    "coreset.batch_size": MATCH,
+    # Forms of the same maths per backend (backend.py): results agree to float round-off.
     "unroll_loops": NEUTRAL,
+    "fused_blocks": NEUTRAL,
+    "compiler_options": NEUTRAL,
     "num_devices": NEUTRAL,
     "checkpoint_every": NEUTRAL,
     "log_every": NEUTRAL,

@@ -108,6 +108,10 @@ SOURCES = ("digits", "npz", "tfds")
 
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
+# fold_in tag of the validation split's key (train.py folds experiment indices 0, 1, ... into the
+# same PRNGKey(seed)).
+_VALIDATION_TAG = 0x7A1D
+
 # The split of the bundled digits: 30% test, stratified by class, fixed seed.
 _DIGITS_TEST_SIZE = 0.3
 _DIGITS_SPLIT_SEED = 0
@@ -185,6 +189,9 @@ class Dataset:
         y_test: int32 [M] test labels.
         zca: (mean [D], matrix [D, D]) from `fit_zca` on the training set when the ZCA option is
             on, else None.
+        x_val: uint8 [V, H, W, C] validation images held out of the training set
+            (`hold_out_validation`), or None.
+        y_val: int32 [V] validation labels, or None.
     """
 
     spec: DatasetSpec
@@ -193,6 +200,8 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     zca: tuple[np.ndarray, np.ndarray] | None = None
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
 
     @property
     def name(self) -> str:
@@ -294,8 +303,56 @@ def load_dataset(dataset_config: ml_collections.ConfigDict) -> Dataset:
     _check_nonempty(spec, y_train, y_test, origin=_origin(dataset_config))
     zca = None
     if dataset_config.get("zca", False):
-        zca = fit_zca(x_train.reshape(x_train.shape[0], -1).astype(np.float32) / 255.0)
+        zca = zca_of_training_set(x_train)
     return Dataset(spec, x_train, y_train, x_test, y_test, zca)
+
+
+def hold_out_validation(dataset: Dataset, per_class: int, seed: int) -> Dataset:
+    """Moves `per_class` training images of every class into a validation split (stratified).
+
+    Class c's held-out images are its `per_class` training images with the smallest uniform scores
+    drawn from `fold_in(fold_in(PRNGKey(seed), _VALIDATION_TAG), c)` (a uniformly random subset):
+    fixed by the seed, the same for every method and device count. The preprocessing stays that of the whole training set
+    (the published mean/std are, and a ZCA whitening was fitted when the dataset was loaded).
+
+    Args:
+        dataset: a `Dataset` without a validation split.
+        per_class: images per class to hold out (`config.dataset.validation_size`); 0 returns
+            `dataset` unchanged.
+        seed: the run's `config.seed`.
+
+    Returns:
+        The `Dataset` with the held-out images removed from `x_train`/`y_train` and placed in
+        `x_val`/`y_val` (both in increasing order of their original index).
+
+    Raises:
+        ValueError: a negative size, or a class that would keep no training image.
+    """
+    if per_class == 0:
+        return dataset
+    if per_class < 0:
+        raise errors.UserError(f"dataset.validation_size must be >= 0, got {per_class}.")
+    index, counts = class_index(dataset.y_train, dataset.num_classes)
+    too_small = np.flatnonzero(counts <= per_class)
+    if too_small.size:
+        raise errors.UserError(
+            f"dataset.validation_size={per_class} leaves no training image in classes "
+            f"{too_small.tolist()} of {dataset.name!r} (they have {counts[too_small].tolist()}); "
+            f"use at most {int(counts.min()) - 1}.")
+    root = jax.random.fold_in(jax.random.PRNGKey(seed), _VALIDATION_TAG)
+    # One draw of a static shape for all classes (a permutation per class size would compile once
+    # per size); padding slots beyond a class's count are never read.
+    scores = np.asarray(jax.vmap(lambda c: jax.random.uniform(
+        jax.random.fold_in(root, c), (index.shape[1],)))(np.arange(dataset.num_classes)))
+    held = np.sort(np.concatenate([
+        index[c, np.argsort(scores[c, :counts[c]], kind="stable")[:per_class]]
+        for c in range(dataset.num_classes)
+    ]))
+    keep = np.ones(dataset.num_train, bool)
+    keep[held] = False
+    return dataclasses.replace(
+        dataset, x_train=dataset.x_train[keep], y_train=dataset.y_train[keep],
+        x_val=dataset.x_train[held], y_val=dataset.y_train[held])
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -678,6 +735,12 @@ def fit_zca(x_train_float_flat: np.ndarray, eps: float = 0.1) -> tuple[np.ndarra
     s = np.maximum(s, 0.0)
     w = (u * (s + eps) ** -0.5) @ u.T
     return mean.astype(np.float32), w.astype(np.float32)
+
+
+def zca_of_training_set(x_train_uint8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`fit_zca` on uint8 NHWC training images: the whitening of `dataset.zca=True`."""
+    x = np.asarray(x_train_uint8)
+    return fit_zca(x.reshape(x.shape[0], -1).astype(np.float32) / 255.0)
 
 
 def apply_zca(x: jax.Array, mean: jax.Array, w: jax.Array) -> jax.Array:

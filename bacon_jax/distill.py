@@ -672,9 +672,9 @@ def distill_step(state, real, teachers=None, *, model, spec, teacher_model=None)
         `image_rms` of the updated images; and for IDM/BACON `pool_size`. The images to evaluate
         are `synthetic_set(new_state, spec)`.
     """
-    if spec.method == "random":
-        raise ValueError("method 'random' has no distillation step: its set is the initialisation "
-                         "(init_state / synthetic_set). Choose dm, idm or bacon to distill.")
+    if spec.method in config_lib.SELECTION_METHODS:
+        raise ValueError(f"method {spec.method!r} has no distillation step: its set is selected, "
+                         "not distilled. Choose dm, idm or bacon to distill.")
     check_real_data(real)
     it_key = jax.random.fold_in(state.key, state.step)
     params, ce_multiplier, pool = _select_network(state, it_key, model, spec)

@@ -1,5 +1,8 @@
 """What a run leaves for people and other code: the synthetic set as `.npz`, PNG grids, TensorBoard.
 
+`export_synthetic` also writes the final set in the formats other codebases read (an image folder,
+safetensors with a JSON card, `.pt`; the writers are in interop.py).
+
 * `export_npz` / `load_synthetic`: the final synthetic set in the networks' input space, un-expanded
   (SPEC 4.3), with the preprocessing needed to map it back to pixels (mean/std, or the ZCA mean and
   matrix, SPEC 1.1-1.2) and the `expand` flag that tells a loader to apply the x4 expansion before
@@ -23,10 +26,14 @@ import jax
 import numpy as np
 from PIL import Image
 
-from bacon_jax import augment, data
+from bacon_jax import augment, data, interop, manifest
 
 NPZ_NAME = "synthetic.npz"
 PNG_NAME = "synthetic.png"
+FOLDER_NAME = "synthetic_images"
+SAFETENSORS_NAME = "synthetic.safetensors"
+CARD_NAME = "synthetic.json"
+TORCH_NAME = "synthetic.pt"
 
 # Small images are enlarged (nearest neighbour) to at least this many pixels per side in grids.
 _MIN_GRID_CELL = 32
@@ -212,15 +219,9 @@ def to_pixels(images, meta) -> np.ndarray:
         ZCA, x · pinv(W) + zca_mean on the NHWC-flattened image (the inverse of `data.apply_zca`).
     """
     arrays = _preprocessing_arrays(meta)
-    x = np.asarray(jax.device_get(images), np.float64)
-    if "zca_matrix" in arrays:
-        dim = arrays["zca_matrix"].shape[0]
-        lead = x.shape[:-3]
-        flat = x.reshape(lead + (dim,))
-        inverse = np.linalg.pinv(arrays["zca_matrix"].astype(np.float64))
-        x = (flat @ inverse + arrays["zca_mean"].astype(np.float64)).reshape(x.shape)
-    else:
-        x = x * arrays["std"] + arrays["mean"]
+    preprocessing = data.Preprocessing(tuple(arrays["mean"]), tuple(arrays["std"]),
+                                       arrays.get("zca_mean"), arrays.get("zca_matrix"))
+    x = interop.unclipped_pixels(jax.device_get(images), preprocessing)
     return np.clip(x, 0.0, 1.0).astype(np.float32)
 
 
@@ -245,8 +246,7 @@ def grid(pixels, ipc, num_classes, min_cell=_MIN_GRID_CELL, padding=_GRID_PADDIN
     scale = max(1, math.ceil(min_cell / min(h, w)))
     pixels = pixels.repeat(scale, axis=1).repeat(scale, axis=2)
     h, w = h * scale, w * scale
-    # torchvision's save_image rounding: floor(255 * x + 0.5).
-    cells = np.floor(np.clip(pixels, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    cells = interop.to_uint8(pixels)
     cells = cells.reshape(num_classes, ipc, h, w, c)
     out = np.zeros(
         (num_classes * (h + padding) + padding, ipc * (w + padding) + padding, c), np.uint8
@@ -281,7 +281,16 @@ def save_grid_png(path, images, meta, ipc, num_classes):
 
 
 def export_synthetic(exp_dir, images, labels, preprocessing, config):
-    """Writes an experiment's final set as `synthetic.npz` and `synthetic.png` in `exp_dir`.
+    """Writes an experiment's final set in every format other code reads, in `exp_dir`.
+
+    * `synthetic.npz` (`load_synthetic`) and the grid `synthetic.png`;
+    * `synthetic_images/`: one sub-folder per class (`000/`, `001/`, ...) of denormalised PNGs
+      (lossy: 8-bit and clipped), what DD-Ranking, RDED or SRe2L read as an ImageFolder;
+    * `synthetic.safetensors` (exact, NHWC float32, the preprocessing tensors, the card in its
+      metadata) and the card alone as `synthetic.json` (interop.card: dataset, class order, IPC,
+      method, preprocessing, expansion factor, config hash);
+    * `synthetic.pt` when torch is importable: NCHW tensors for DD-Ranking and PyTorch code
+      (interop.write_torch).
 
     Args:
         exp_dir: the experiment's directory.
@@ -294,12 +303,26 @@ def export_synthetic(exp_dir, images, labels, preprocessing, config):
         The path of the `.npz` file.
     """
     ipc = int(config.ipc)
+    images = np.asarray(jax.device_get(images), np.float32)
+    labels = np.asarray(jax.device_get(labels), np.int32)
+    num_classes = labels.shape[0] // ipc
     path = export_npz(
         os.path.join(exp_dir, NPZ_NAME), images, labels, preprocessing,
         dataset=config.dataset.name, method=config.method, ipc=ipc, expand=bool(config.expand),
     )
-    save_grid_png(os.path.join(exp_dir, PNG_NAME), images, preprocessing, ipc,
-                  int(np.shape(labels)[0]) // ipc)
+    save_grid_png(os.path.join(exp_dir, PNG_NAME), images, preprocessing, ipc, num_classes)
+    set_card = interop.card(
+        dataset_spec=data.DATASETS[config.dataset.name], method=config.method, ipc=ipc,
+        expand=bool(config.expand), preprocessing=preprocessing, num_images=labels.shape[0],
+        config_hash=manifest.config_hash(config))
+    interop.write_image_folder(os.path.join(exp_dir, FOLDER_NAME), images, labels, preprocessing,
+                               num_classes)
+    interop.write_safetensors(os.path.join(exp_dir, SAFETENSORS_NAME), images, labels,
+                              preprocessing, set_card)
+    interop.write_json(os.path.join(exp_dir, CARD_NAME), set_card)
+    if interop.torch_available():
+        interop.write_torch(os.path.join(exp_dir, TORCH_NAME), images, labels, preprocessing,
+                            set_card)
     return path
 
 

@@ -17,7 +17,6 @@ gradients flow through the teacher into the images.
 """
 
 import functools
-import json
 import math
 import os
 import re
@@ -111,18 +110,20 @@ def _test_chunk(variables, images_uint8, labels, mask, preprocessing, *, model):
 
 
 def _check_embedding_varies(model, variables, images, model_name, spec):
-    """Refuses a teacher whose embedding is the same for every input (useless for CMI).
+    """Refuses a network whose embedding is the same for every input (useless for CMI, coresets).
 
     The instance-norm ResNet18 on 8x8 images (digits) reaches a 1x1 map in its last stage, where
     instance norm outputs exactly its bias: the embedding is identically 0, so CMI would be 0 with
-    zero gradient. Checked at initialisation, before any epoch is spent.
+    zero gradient, and a coreset selected in it arbitrary. Checked at initialisation, before any
+    epoch is spent.
     """
     if models.ignores_input(model, variables, images, method="embed"):
         raise ValueError(
-            f"Teacher {model_name!r} gives the same embedding for every {spec.name!r} image of "
+            f"{model_name!r} gives the same embedding for every {spec.name!r} image of "
             f"shape {spec.image_shape} (e.g. instance norm on a 1x1 final map), so the CMI term "
-            "would be identically 0. Choose another cmi.teacher_model for this dataset, e.g. "
-            "ConvNetW32 or ConvNet."
+            "would be identically 0 and a coreset selected in it arbitrary. Choose another "
+            "architecture for this dataset (cmi.teacher_model, or eval.models[0] for coresets), "
+            "e.g. ConvNetW32 or ConvNet."
         )
 
 
@@ -141,7 +142,7 @@ def _padded_chunks(x, y, chunk):
 
 def train_teacher(key, dataset, model_name, *, epochs, lr, momentum, weight_decay, batch_size,
                   log_prefix=""):
-    """Trains one network on the real training set of `dataset` (SPEC 7.1).
+    """Trains one network on the real training set of `dataset` (SPEC 7.1; also coreset.py's).
 
     The Python loop over steps calls one jitted step (convolutions inside `lax.scan` are ~20x
     slower on XLA:CPU, see loops.py). Two step shapes compile: full batches and the partial last

@@ -6,14 +6,21 @@ scalars), `exp{e}/evals.jsonl` (every evaluation), `exp{e}/synthetic/` (the fina
 un-expanded, as an Orbax pytree), its export `exp{e}/synthetic.npz` + `synthetic.png` (export.py),
 `exp{e}/images_it{it}.png` (the set at every evaluation), one TensorBoard event file of the scalars
 and accuracies in `exp{e}/`, and `exp{e}/final.json` (its accuracies). The run writes
-`config.json` and `results.json` (per architecture: all accuracies, mean and population std over
-num_exp x num_eval networks, SPEC 8 / A9) at the top level. Accuracies are in percent everywhere.
+`config.json`, `manifest.json` (manifest.py: versions, commit, config hash, data fingerprint,
+devices, wall time per phase) and `results.json` (per architecture: all accuracies, mean and
+population std over num_exp x num_eval networks, SPEC 8 / A9) at the top level. Accuracies are in
+percent everywhere.
 
 A rerun into the same workdir resumes, and is refused (before anything is written) when its config
 differs from the workdir's config.json where that would relabel results
 (`config_lib.check_rerun`). While a run writes, it holds the workdir's lock (`workdir.locked`). A
 resumed experiment drops the rows of `metrics.jsonl` and `evals.jsonl` from the restored iteration
 on and rewrites its event file from the rows kept, so no step is logged twice.
+
+With `dataset.validation_size` > 0 the held-out images never reach distillation or coreset
+selection; every evaluation also scores the validation split, and validation.py keeps the
+best-by-validation snapshot (`exp{e}/best_by_validation.{json,npz}`), reported in results.json
+beside the final one. `method=herding|kcenter` replace the initial set by a coreset (coreset.py).
 
 Reported accuracy is the evaluation of the state after `iterations` passes (the reference's
 it == Iteration evaluation); the reference's one extra pass after it is not run (quirk 12).
@@ -27,11 +34,10 @@ import time
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from bacon_jax import backend, checkpointing, config_lib, data, distill, errors, evaluation
-from bacon_jax import export, models, parallel, progress
+from bacon_jax import backend, checkpointing, config_lib, coreset, data, distill, errors, export
+from bacon_jax import manifest, models, parallel, progress, validation
 from bacon_jax import teacher as teacher_lib
 from bacon_jax import workdir as workdir_lib
 
@@ -57,24 +63,8 @@ def _write_json(path, obj):
         os.replace(tmp, path)
 
 
-def percent(fractions):
-    """Accuracies as fractions (what `evaluation` returns) in percent, float64."""
-    return np.asarray(fractions, np.float64) * 100.0
-
-
-def summarize(accuracies):
-    """{'accuracies', 'mean', 'std', 'num_runs'} of accuracies in percent; std is the population std.
-
-    Args:
-        accuracies: accuracies in percent (`percent` of the evaluation's fractions).
-    """
-    values = np.asarray(accuracies, np.float64)
-    return {
-        "accuracies": [float(v) for v in values],
-        "mean": float(values.mean()),
-        "std": float(values.std()),
-        "num_runs": int(values.size),
-    }
+percent = validation.percent  # fractions (what `evaluation` returns) -> percent, float64
+summarize = validation.summarize  # of accuracies in percent; population std (SPEC 8 / A9)
 
 
 def make_mesh(config):
@@ -94,28 +84,16 @@ def evaluate_state(state, spec, config, dataset, key, progress_for=None):
     Args:
         state, spec: the DistillState and its DistillSpec.
         config: the run's ConfigDict.
-        dataset: the data.Dataset (its test split is scored).
+        dataset: the data.Dataset (its test split is scored, and its validation split if held out).
         key: PRNG key; architecture i uses fold_in(key, i).
         progress_for: optional `(name, later_names) -> callback` giving each architecture's
-            `evaluation.evaluate_synthetic` progress callback.
+            `evaluation.train_networks` progress callback.
 
     Returns:
-        {architecture: np.ndarray of `eval.num_eval` accuracies in percent}.
+        validation.Scores in percent: test, and validation when the dataset holds a split.
     """
-    images, labels = distill.synthetic_set(state, spec)
-    images, labels = distill.training_set(images, labels, spec)
-    test_images = jnp.asarray(dataset.x_test)
-    test_labels = jnp.asarray(dataset.y_test, jnp.int32)
-    names = tuple(config.eval.models)
-    results = {}
-    for index, name in enumerate(names):
-        eval_spec = evaluation.spec_from_config(config, name, dataset.spec, mesh=spec.mesh)
-        callback = progress_for(name, names[index + 1:]) if progress_for is not None else None
-        results[name] = percent(evaluation.evaluate_synthetic(
-            jax.random.fold_in(key, index), images, labels, test_images, test_labels,
-            dataset.preprocessing, config.eval.num_eval, eval_spec, progress=callback,
-        ))
-    return results
+    images, labels = distill.training_set(*distill.synthetic_set(state, spec), spec)
+    return validation.evaluate(key, images, labels, config, dataset, spec.mesh, progress_for)
 
 
 def _flush(pending, metrics_path, line, exp, writer):
@@ -209,8 +187,8 @@ def _record_evaluation(writer, exp_dir, evals_path, exp, it, state, spec, datase
 
 
 def distill_iterations(config):
-    """Distillation iterations of a run: `config.iterations`, or 0 for `method=random`."""
-    return 0 if config.method == "random" else int(config.iterations)
+    """Distillation iterations of a run: `config.iterations`, or 0 for random/coreset selection."""
+    return 0 if config.method in config_lib.SELECTION_METHODS else int(config.iterations)
 
 
 def final_evaluation_settings(config):
@@ -298,7 +276,7 @@ def _interrupted(exp, reached, iterations, manager):
         f"from there.")
 
 
-def run_experiment(config, exp, key, dataset, real, workdir, estimate=None):
+def run_experiment(config, exp, key, dataset, real, workdir, estimate=None, clock=None):
     """Distills one synthetic set (resuming from the latest intact checkpoint) and evaluates it.
 
     Args:
@@ -306,6 +284,7 @@ def run_experiment(config, exp, key, dataset, real, workdir, estimate=None):
         dataset, real: the data.Dataset and its device-side distill.RealData.
         workdir: the run directory.
         estimate: the run's progress.RunEstimate (default: one for this config).
+        clock: the run's manifest.PhaseClock, charged with the wall time of each phase.
 
     Returns:
         {architecture: np.ndarray of num_eval accuracies in percent}.
@@ -334,6 +313,10 @@ def run_experiment(config, exp, key, dataset, real, workdir, estimate=None):
     state = checkpointing.restore_latest(manager, template, metadata, iterations)
     if state is None:
         state = init_fn(init_key, real)
+        if config.method in coreset.SELECTORS:
+            state = coreset.select_into_state(state, config, dataset, init_key, exp_dir)
+    clock = clock or manifest.PhaseClock()
+    clock.lap("init", exp)
     start = int(state.step)
     evaluation_settings = final_evaluation_settings(config)
     if os.path.exists(final_path) and start == iterations:
@@ -375,11 +358,15 @@ def run_experiment(config, exp, key, dataset, real, workdir, estimate=None):
                 return progress.EvalProgress(estimate, exp, it, name, later,
                                              estimate.net_epochs)
 
-            accuracies = evaluate_state(state, spec, config, dataset,
-                                        jax.random.fold_in(eval_key, it), progress_for)
+            clock.lap("distill", exp)
+            scores = evaluate_state(state, spec, config, dataset,
+                                    jax.random.fold_in(eval_key, it), progress_for)
+            validation.record(exp_dir, it, scores, *distill.synthetic_set(state, spec),
+                              dataset.preprocessing, config)
             _record_evaluation(writer, exp_dir, evals_path, exp, it, state, spec, dataset,
-                               accuracies, label)
-            return accuracies
+                               scores.test, label)
+            clock.lap("evaluate", exp)
+            return scores.test
 
         pending = []
         for it in range(start, iterations):
@@ -403,6 +390,7 @@ def run_experiment(config, exp, key, dataset, real, workdir, estimate=None):
                     raise SystemExit(f"Preempted at iteration {done_it}; checkpoint saved.")
         if manager.latest_step() != iterations:
             checkpointing.save(manager, iterations, state, metadata)
+        clock.lap("distill", exp)
 
         images, labels = distill.synthetic_set(state, spec)
         checkpointing.save_pytree(
@@ -410,6 +398,7 @@ def run_experiment(config, exp, key, dataset, real, workdir, estimate=None):
         )
         if _is_writer():
             export.export_synthetic(exp_dir, images, labels, dataset.preprocessing, config)
+        clock.lap("export", exp)
         accuracies = evaluate(iterations, f"final (it {iterations})")
     except KeyboardInterrupt:
         raise _interrupted(exp, reached, iterations, manager) from None
@@ -421,6 +410,7 @@ def run_experiment(config, exp, key, dataset, real, workdir, estimate=None):
         "accuracies": {k: [float(x) for x in v] for k, v in accuracies.items()},
         "evaluation": evaluation_settings,
     })
+    clock.lap("evaluate", exp)
     return accuracies
 
 
@@ -444,19 +434,24 @@ def train_and_evaluate(config, workdir):
         errors.Interrupted: on Ctrl-C, with the resume hint.
     """
     config_lib.validate(config)
+    clock = manifest.PhaseClock()
     dataset = data.load_dataset(config.dataset)
+    train_data_sha256 = manifest.data_fingerprint(dataset)
+    dataset = data.hold_out_validation(dataset, config.dataset.validation_size, config.seed)
     dataset.check_every_class_present()
     check_saved_config(config, workdir)  # quick, before the architectures compile; again below
     check_architectures(config, dataset.spec)  # before any distillation is spent
     with workdir_lib.locked(workdir):
         check_workdir(config, workdir, dataset.spec)
-        return _run(config, workdir, dataset)
+        return _run(config, workdir, dataset, train_data_sha256, clock)
 
 
-def _run(config, workdir, dataset):
+def _run(config, workdir, dataset, train_data_sha256, clock):
     """`train_and_evaluate` once everything is checked and the workdir is locked."""
     _write_json(os.path.join(workdir, workdir_lib.CONFIG_NAME), config_lib.to_dict(config))
     real = distill.real_data_from_dataset(dataset)
+    clock.lap("load")
+    manifest.write_manifest(workdir, config, train_data_sha256, clock)
     logging.info("Dataset %s: %d train / %d test images of shape %s, %d classes", dataset.spec.name,
                  len(dataset.y_train), len(dataset.y_test), dataset.spec.image_shape,
                  dataset.spec.num_classes)
@@ -465,10 +460,12 @@ def _run(config, workdir, dataset):
     per_model = {name: [] for name in config.eval.models}
     for exp in range(config.num_exp):
         accuracies = run_experiment(
-            config, exp, jax.random.fold_in(root, exp), dataset, real, workdir, estimate
+            config, exp, jax.random.fold_in(root, exp), dataset, real, workdir, estimate,
+            clock
         )
         for name, values in accuracies.items():
             per_model[name].extend(np.asarray(values).tolist())
+        manifest.write_manifest(workdir, config, train_data_sha256, clock)
     results = {
         "dataset": config.dataset.name,
         "method": config.method,
@@ -479,6 +476,9 @@ def _run(config, workdir, dataset):
         "results": {name: summarize(values) for name, values in per_model.items()},
         "config": config_lib.to_dict(config),
     }
+    selected = validation.selected_results(workdir, config)
+    if selected:
+        results["validation_selected"] = selected
     path = os.path.join(workdir, "results.json")
     if os.path.exists(path):  # keep re-evaluations (experiments/evaluate.py) across reruns
         with open(path) as f:
@@ -486,6 +486,7 @@ def _run(config, workdir, dataset):
         if kept:
             results["reevaluations"] = kept
     _write_json(path, results)
+    manifest.write_manifest(workdir, config, train_data_sha256, clock, finished=True)
     for name, summary in results["results"].items():
         logging.info("%s %s ipc%d %s: %.2f +- %.2f (%d runs)", config.dataset.name, config.method,
                      config.ipc, name, summary["mean"], summary["std"], summary["num_runs"])

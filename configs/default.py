@@ -10,7 +10,7 @@ import ml_collections
 def get_base_config():
     """Returns the base ConfigDict (BACON, ConvNet, DSA, quadrant init, reference evaluation)."""
     config = ml_collections.ConfigDict()
-    config.method = "bacon"  # contract: random | dm | idm | bacon
+    config.method = "bacon"  # contract: random | dm | idm | bacon | herding | kcenter
     # The method whose reference settings the other fields hold (config_lib.build sets it with the
     # `method=` of the config argument). A config whose `method` differs is refused, e.g. after
     # `--config.method=dm` or `config.method = "dm"`, which would run DM with BACON's settings;
@@ -29,6 +29,11 @@ def get_base_config():
     config.dataset.path = ""  # the .npz file when source == 'npz'
     config.dataset.data_dir = ""  # TFDS data_dir when source == 'tfds'
     config.dataset.zca = False  # SPEC 1.2
+    # Training images per class held out as a validation split (stratified, fixed by the seed);
+    # 0 = none. When > 0, distillation and coresets never see them, every evaluation also scores
+    # the networks on them, and the snapshot with the best validation accuracy is reported beside
+    # the final one (the reference picks its "best" set by test accuracy, SPEC quirk 12).
+    config.dataset.validation_size = 0
 
     # Distillation network and augmentation.
     config.model = "ConvNet"
@@ -83,6 +88,18 @@ def get_base_config():
     config.cmi.momentum = 0.9
     config.cmi.weight_decay = 1e-3  # torch-coupled, on every parameter
     config.cmi.batch_size = 256
+
+    # Coreset baselines (method=herding|kcenter, coreset.py): the feature network, of architecture
+    # eval.models[0], trained on the real training set (minus any validation split) with the CMI
+    # teachers' recipe (SPEC 7.1, teacher.train_teacher: SGD at a constant learning rate, no
+    # augmentation). The DC/DM papers' coreset rows select in a trained network's embedding
+    # without fixing its budget in the text we read; this one is ours.
+    config.coreset = ml_collections.ConfigDict()
+    config.coreset.epochs = 40
+    config.coreset.lr = 0.01
+    config.coreset.momentum = 0.9
+    config.coreset.weight_decay = 1e-3
+    config.coreset.batch_size = 256
 
     # Per-backend forms of the same maths (bacon_jax/backend.py); 'auto' picks per backend.
     # 'auto': unroll short inner loops on CPU only (XLA:CPU is slow on convs inside loops); bool.

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bacon_jax import data, evaluation, models, parallel, sgd
+from bacon_jax import data, evaluation, models, parallel
 
 IMAGE_SHAPE = (8, 8, 1)
 PREP = data.Preprocessing(mean=(0.5,), std=(0.25,))

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import bacon_jax
-from bacon_jax import checkpointing, data, export, train
+from bacon_jax import checkpointing, data, export, interop, train
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 PREP = data.Preprocessing(mean=(0.5,), std=(0.25,))
@@ -186,6 +186,21 @@ def test_run_writes_npz_pngs_and_events(tmp_path):
     # One grid per evaluation (it 1 intermediate, it 2 final) and one of the exported set.
     for name in ("images_it1.png", "images_it2.png", "synthetic.png"):
         assert Image.open(str(exp_dir / name)).size == (1 * 34 + 2, 10 * 34 + 2)
+    # The exports for other codebases: the same set, exactly (safetensors, .pt) or as PNGs.
+    (raw,) = interop.read_sets(str(exp_dir / export.SAFETENSORS_NAME), data.DATASETS["digits"])
+    np.testing.assert_array_equal(raw.images, loaded.images)
+    card = json.loads((exp_dir / export.CARD_NAME).read_text())
+    assert card == interop.read_card(str(exp_dir / export.SAFETENSORS_NAME))
+    assert (card["dataset"], card["method"], card["ipc"], card["expansion_factor"]) == (
+        "digits", "dm", 1, 1)
+    pngs = sorted(glob.glob(str(exp_dir / export.FOLDER_NAME / "*" / "*.png")))
+    assert [os.path.basename(os.path.dirname(p)) for p in pngs] == [f"{c:03d}" for c in range(10)]
+    first = np.asarray(Image.open(pngs[0]))
+    np.testing.assert_array_equal(first, interop.to_uint8(loaded.pixels()[0, ..., 0]))
+    if interop.torch_available():
+        (raw,) = interop.read_sets(str(exp_dir / export.TORCH_NAME), data.DATASETS["digits"])
+        assert raw.images.shape == (10, 1, 8, 8)  # NCHW
+        np.testing.assert_array_equal(raw.images.transpose(0, 2, 3, 1), loaded.images)
     if importlib.util.find_spec("tensorboardX") is not None:
         events = read_events(str(exp_dir))
         assert set(events["eval/ConvNetW8"]) == {1, 2}

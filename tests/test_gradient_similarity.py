@@ -4,6 +4,7 @@ import dataclasses
 import importlib.util
 import os
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,10 +17,15 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 
 
 def _script():
+    """The script as a module. Its absl flags are removed again: the pieces tested need none, and
+    other tests in this process define flags of the same names (experiments/evaluate.py's)."""
+    before = set(flags.FLAGS)
     spec = importlib.util.spec_from_file_location(
         "gradient_similarity", os.path.join(ROOT, "experiments", "gradient_similarity.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    for name in set(flags.FLAGS) - before:
+        delattr(flags.FLAGS, name)
     return module
 
 

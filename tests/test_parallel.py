@@ -1,6 +1,5 @@
 """1 device vs N devices: same numbers (SPEC A3), padded classes never leak, resume across counts."""
 
-import dataclasses
 import functools
 import os
 
