@@ -252,30 +252,42 @@ def _over_nets(fn, spec, num_replicated):
     )
 
 
+def _map_nets(fn, *stacked):
+    """`jax.vmap(fn)(*stacked)` over a device's networks, or a plain call when it holds one.
+
+    The same maths either way. Unbatched, the DSA family choice (`lax.switch`) stays a
+    conditional; vmapped over networks it becomes a select that runs all of them.
+    """
+    if jax.tree.leaves(stacked)[0].shape[0] != 1:
+        return jax.vmap(fn)(*stacked)
+    out = fn(*jax.tree.map(lambda x: x[0], stacked))
+    return jax.tree.map(lambda x: x[None], out)
+
+
 @backend.jit_by_spec(static_argnames=("model", "spec"))
 def _fused(keys, images, labels, model, spec):
     def local(keys, images, labels):
-        return jax.vmap(
-            lambda k: train_network(k, images, labels, model=model, spec=spec)
-        )(keys)
+        return _map_nets(
+            lambda k: train_network(k, images, labels, model=model, spec=spec), keys)
 
     return _over_nets(local, spec, 2)(keys, images, labels)
 
 
 @backend.jit_by_spec(static_argnames=("model", "spec"))
 def _init_many(keys, model, spec):
-    local = lambda keys: jax.vmap(lambda k: init_eval_state(k, model, spec))(keys)
+    local = lambda keys: _map_nets(lambda k: init_eval_state(k, model, spec), keys)
     return _over_nets(local, spec, 0)(keys)
 
 
 @backend.jit_by_spec(static_argnames=("model", "spec"), donate_argnums=0)
 def _epoch_many(states, keys, epoch, lr, images, labels, model, spec):
     def local(states, keys, epoch, lr, images, labels):
-        return jax.vmap(
+        return _map_nets(
             lambda s, k: _train_epoch(
                 s, jax.random.fold_in(k, epoch), lr, images, labels, model=model, spec=spec
-            )
-        )(states, keys)
+            ),
+            states, keys,
+        )
 
     mesh = parallel.resolve(spec.mesh)
     return parallel.shard(
@@ -287,10 +299,11 @@ def _epoch_many(states, keys, epoch, lr, images, labels, model, spec):
 @backend.jit_by_spec(static_argnames=("model", "spec"))
 def _test_many(states, test_images, test_labels, preprocessing, model, spec):
     def local(states, test_images, test_labels, preprocessing):
-        return jax.vmap(
+        return _map_nets(
             lambda s: count_correct(s, test_images, test_labels, preprocessing, model=model,
-                                    spec=spec)
-        )(states)
+                                    spec=spec),
+            states,
+        )
 
     return _over_nets(local, spec, 3)(states, test_images, test_labels, preprocessing)
 
@@ -299,7 +312,7 @@ def _test_many(states, test_images, test_labels, preprocessing, model, spec):
 def _reset_all_momenta(states, spec):
     # Per device like the epochs: the fresh momenta stay split over the networks (XLA would
     # replicate the zeros), so `_epoch_many` sees one placement and compiles once.
-    return _over_nets(jax.vmap(_reset_momentum), spec, 0)(states)
+    return _over_nets(lambda states: _map_nets(_reset_momentum, states), spec, 0)(states)
 
 
 def _stepwise(keys, images, labels, model, spec, progress=None):
