@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 
-from bacon_jax import config_lib, data
+from bacon_jax import backend, config_lib, data, models
 
 # Training / test split sizes of each dataset, for fake data of the right size when the real data
 # is not available (no TFDS here). Classes are balanced in the fake sets.
@@ -103,6 +103,26 @@ def mesh_for(num_devices):
     if num_devices > len(devices):
         raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices are visible.")
     return parallel.make_mesh(devices[:num_devices] if num_devices else devices)
+
+
+def model_for(name, dataset_spec, spec):
+    """The library's module for `name`, in the form `spec` runs it (fused ConvNet blocks or not)."""
+    return models.get_model(name, dataset_spec.num_classes, dataset_spec.image_shape,
+                            fused=spec.fused_blocks)
+
+
+def jit(fn, spec, **kwargs):
+    """`jax.jit(fn, **kwargs)` with the compile options `spec` (Distill/EvalSpec) asks for, as the
+    library's own jits (backend.jit_options)."""
+    return jax.jit(fn, compiler_options=backend.jit_options(spec.compiler_options), **kwargs)
+
+
+def write_json(path, record):
+    """Writes a benchmark's figures as JSON (accelerator_check.sh collects them into RESULTS.md)."""
+    import json  # pylint: disable=g-import-not-at-top
+
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2, default=float)
 
 
 # --------------------------------------------------------------------------------------------

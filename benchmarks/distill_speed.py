@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bacon_jax import distill, models
+from bacon_jax import distill
 
 import common
 
@@ -52,6 +52,7 @@ def parse_args(argv):
                         help="devices the step is mapped over (0 = all); the yardstick needs 1")
     parser.add_argument("--yardstick", choices=("true", "false"), default="true",
                         help="also time the class-by-class loop (target b)")
+    parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     return parser.parse_args(argv)
 
 
@@ -74,7 +75,8 @@ def iteration_flops(compiled, state, real, spec, model):
     if spec.unroll_loops:
         return common.cost_flops(compiled), "compiled step"
     unrolled = dataclasses.replace(spec, unroll_loops=True)
-    lowered = jax.jit(functools.partial(distill.distill_step, model=model, spec=unrolled)).lower(
+    lowered = common.jit(functools.partial(distill.distill_step, model=model, spec=unrolled),
+                         spec).lower(
         state, real)
     return common.cost_flops(lowered), "lowered step, loops unrolled for counting"
 
@@ -89,8 +91,8 @@ def time_iterations(run_one, state, iters):
 
 def bench_batched(state, real, model, spec, args):
     # As bacon_jax.train: state donated, outputs pinned to the replicated placement of the inputs.
-    step_fn = jax.jit(functools.partial(distill.distill_step, model=model, spec=spec),
-                      donate_argnums=0, out_shardings=replicated(spec.mesh))
+    step_fn = common.jit(functools.partial(distill.distill_step, model=model, spec=spec), spec,
+                         donate_argnums=0, out_shardings=replicated(spec.mesh))
     with common.Timer() as t:
         compiled = step_fn.lower(state, real).compile()
     compile_s = t.seconds
@@ -146,9 +148,10 @@ class ClassLoop:
             return distill.per_class_image_update(
                 images, momentum, grads, spec.lr_img, spec.steps_between_class_updates)
 
-        self.jitted = (jax.jit(select), jax.jit(one_class, donate_argnums=(0, 1)),
-                       jax.jit(finish, donate_argnums=0))
-        self.all_classes = jax.jit(all_classes)
+        self.jitted = (common.jit(select, spec),
+                       common.jit(one_class, spec, donate_argnums=(0, 1)),
+                       common.jit(finish, spec, donate_argnums=0))
+        self.all_classes = common.jit(all_classes, spec)
         self.compiled = None
 
     def compile(self, state, real):
@@ -237,12 +240,12 @@ def main(argv):
           + f"; step mapped over {mesh.size} device(s)\n")
 
     rows, loop_rows, setup_rows, flops_sources = [], [], [], set()
-    ratios = {}
+    ratios, records = {}, []
     for method in methods:
         config = common.load_config(args.config, [f"method={method}", *overrides])
         spec = distill.spec_from_config(config, dataset.spec, dataset.max_class_size, mesh=mesh)
-        model = models.get_model(config.model, dataset.num_classes, dataset.spec.image_shape)
-        init = jax.jit(functools.partial(distill.init_state, model=model, spec=spec))
+        model = common.model_for(config.model, dataset.spec, spec)
+        init = common.jit(functools.partial(distill.init_state, model=model, spec=spec), spec)
         init_fn = lambda: jax.device_put(init(jax.random.PRNGKey(config.seed), real),
                                          replicated(mesh))
         setup_rows.append([method, config.model, spec.ipc, spec.batch_real,
@@ -262,6 +265,11 @@ def main(argv):
             common.fmt_ratio(flops_s / peak if (peak and flops_s) else None),
             common.fmt_bytes(mem.peak if mem else None),
         ])
+        records.append(dict(method=method, model=config.model, compile_s=result["compile_s"],
+                            iteration_s=1 / it_s, flops_per_iteration=result["flops"],
+                            flops_per_s=flops_s,
+                            of_peak=flops_s / peak if (peak and flops_s) else None,
+                            peak_mem_bytes=mem.peak if mem else None))
         print(f"[{method}] batched: compile {result['compile_s']:.1f} s, {it_s:.3g} it/s",
               flush=True)
 
@@ -309,6 +317,10 @@ def main(argv):
     else:
         common.target("b", "n/a (run idm or bacon with --yardstick=true)")
     print(f"\nhost peak RSS of this process: {common.fmt_bytes(common.peak_rss_bytes())}")
+    if args.json:
+        common.write_json(args.json, dict(
+            benchmark="distill_speed", config=args.config, overrides=overrides, data=data_source,
+            device=jax.devices()[0].device_kind, peak=peak_label, rows=records))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from bacon_jax import augment, data, evaluation, models
+from bacon_jax import augment, data, evaluation
 
 import common
 
@@ -44,6 +44,7 @@ def parse_args(argv):
                         help="config overrides appended to the config argument (repeatable)")
     parser.add_argument("--num_devices", type=int, default=1,
                         help="devices the networks are split over (0 = all)")
+    parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     return parser.parse_args(argv)
 
 
@@ -98,7 +99,7 @@ def main(argv):
     model_name = args.model or config.eval.models[0]
     mesh = common.mesh_for(args.num_devices)
     spec = evaluation.spec_from_config(config, model_name, dataset_spec, mesh=mesh)
-    model = models.get_model(model_name, dataset_spec.num_classes, dataset_spec.image_shape)
+    model = common.model_for(model_name, dataset_spec, spec)
     images, labels = synthetic_training_set(config, dataset_spec)
     num = images.shape[0]
     full, remainder = divmod(num, spec.batch_size)
@@ -113,7 +114,7 @@ def main(argv):
     print(f"device peak used for ratios: {peak_label}"
           + (f" = {common.fmt_flops(peak, 'FLOP/s')}" if peak else "") + "\n")
 
-    rows, seconds_per_epoch, peak_ratio, sources = [], {}, {}, set()
+    rows, seconds_per_epoch, peak_ratio, sources, records = [], {}, {}, set(), []
     for num_eval in [int(n) for n in args.num_eval.split(",") if n.strip()]:
         r = bench(num_eval, images, labels, model, spec, args)
         epoch_s = r["seconds"] / args.epochs
@@ -128,6 +129,10 @@ def main(argv):
             common.fmt_ratio(peak_ratio[num_eval]),
             common.fmt_bytes(r["memory"].peak if r["memory"] else None),
         ])
+        records.append(dict(num_eval=num_eval, compile_s=r["compile_s"], epoch_s=epoch_s,
+                            flops_per_epoch=r["flops"], flops_per_s=flops_s,
+                            of_peak=peak_ratio[num_eval],
+                            peak_mem_bytes=r["memory"].peak if r["memory"] else None))
         print(f"[num_eval={num_eval}] compile {r['compile_s']:.1f} s, {epoch_s:.3g} s/epoch",
               flush=True)
     print()
@@ -155,6 +160,11 @@ def main(argv):
     else:
         common.target("c", "n/a (target defined for GPU)")
     print(f"\nhost peak RSS of this process: {common.fmt_bytes(common.peak_rss_bytes())}")
+    if args.json:
+        common.write_json(args.json, dict(
+            benchmark="eval_speed", config=args.config, overrides=overrides, model=model_name,
+            set_size=num, steps_per_epoch=steps, device=jax.devices()[0].device_kind,
+            peak=peak_label, rows=records))
 
 
 if __name__ == "__main__":

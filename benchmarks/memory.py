@@ -89,11 +89,11 @@ def host_memory(args):
         spec = distill.spec_from_config(config, dataset.spec, dataset.max_class_size,
                                         mesh=parallel.make_mesh(jax.devices()[:1]))
         spec = dataclasses.replace(spec, unroll_loops=jax.devices()[0].platform == "cpu")
-        model = models.get_model(config.model, dataset.num_classes, dataset.spec.image_shape)
-        state = jax.jit(functools.partial(distill.init_state, model=model, spec=spec))(
+        model = common.model_for(config.model, dataset.spec, spec)
+        state = common.jit(functools.partial(distill.init_state, model=model, spec=spec), spec)(
             jax.random.PRNGKey(0), real)
-        step = jax.jit(functools.partial(distill.distill_step, model=model, spec=spec),
-                       donate_argnums=0)
+        step = common.jit(functools.partial(distill.distill_step, model=model, spec=spec), spec,
+                          donate_argnums=0)
         with common.Timer() as t:
             state, _ = step(state, real)
             jax.block_until_ready(state)
