@@ -18,9 +18,9 @@ iteration (distill_step)
     pool training     `distill.train_pool`
     rest              the whole step minus the phases: what XLA fuses across phases, host dispatch
 evaluation epoch (`evaluation._epoch_many`, one network, the expanded set)
-    DSA               the epoch minus the same epoch without DSA
+    DSA               `augment.dsa` on each minibatch (mean over draws: one family per call)
     forward           the train-mode forward pass over the set's minibatches
-    backward + SGD    the epoch without DSA minus the forward
+    backward + SGD    the epoch minus DSA and forward
     test pass         `evaluation._test_many` over the test set, once per evaluation
 
 Differences of two timings are estimates (XLA fuses differently without a phase); the table says
@@ -153,17 +153,22 @@ def profile_epoch(config, dataset, distill_spec, args):
     epoch -= copy
     rows = [(f"epoch ({name}, {images.shape[0]} images, batch {spec.batch_size})", epoch,
              "measured")]
-    no_dsa = epoch
+    batches = [images[i:i + spec.batch_size] for i in range(0, images.shape[0], spec.batch_size)]
+    dsa = 0.0
     if spec.dsa_families:
-        no_dsa = epoch_time(dataclasses.replace(spec, dsa_families=None))[1] - copy
-        rows.append(("  DSA", epoch - no_dsa, "difference"))
+        # One family per call, drawn from the key: the mean over keys 0..2F-1 of each batch.
+        augment_fn = common.jit(lambda x, k: augment.dsa(x, k, siamese=False,
+                                                         families=spec.dsa_families), spec)
+        draws = [jax.random.PRNGKey(i) for i in range(2 * len(spec.dsa_families))]
+        dsa = sum(statistics.mean(timed(augment_fn, batch, key) for key in draws)
+                  for batch in batches)
+        rows.append(("  DSA (mean over draws)", dsa, "measured"))
     variables = evaluation._variables(jax.tree.map(lambda x: x[0], states))
     forward = common.jit(
         lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0], spec)
-    batches = [images[i:i + spec.batch_size] for i in range(0, images.shape[0], spec.batch_size)]
     fwd = sum(timed(forward, variables, batch) for batch in batches)
     rows.append(("  forward (train mode)", fwd, "measured"))
-    rows.append(("  backward + SGD + shuffling", no_dsa - fwd, "difference"))
+    rows.append(("  backward + SGD + shuffling", epoch - dsa - fwd, "difference"))
     test_images = jnp.asarray(dataset.x_test)
     test_labels = jnp.asarray(dataset.y_test, jnp.int32)
     test = timed(evaluation._test_many, states, test_images, test_labels, dataset.preprocessing,
