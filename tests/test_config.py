@@ -7,7 +7,6 @@ preset must parse and validate. The resolved values are checked against the tabl
 
 import importlib.util
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import sys
 import pytest
 
 from bacon_jax import config_lib, data, distill, models
+from tests.subprocess_env import subprocess_env
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 # Every config file, found on disk so that a new one is covered automatically.
@@ -464,7 +464,7 @@ def test_scripts_report_a_bad_config_flag_without_a_traceback(tmp_path, arg, fla
         [sys.executable, str(CONFIG_DIR.parent / "experiments" / "run.py"),
          f"--config={CONFIG_DIR / 'digits.py'}:{arg}", f"--workdir={workdir}", *flags],
         capture_output=True, text=True, timeout=300, check=False,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        env=subprocess_env(),
     )
     assert result.returncode == 1
     assert f"FATAL Flags parsing error: {message}" in result.stderr

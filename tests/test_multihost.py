@@ -16,6 +16,7 @@ import sys
 import numpy as np
 
 from bacon_jax import config_lib, train
+from tests.subprocess_env import subprocess_env
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 ARG = ("ipc1,method=dm,model=ConvNetW8,eval.models=ConvNetW8,iterations=3,eval.epochs=2,"
@@ -29,8 +30,7 @@ def _free_port():
 
 
 def _launch(workdir, port, process_id):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = subprocess_env(device_count=2)
     command = [sys.executable, os.path.join(ROOT, "experiments", "run.py"), "--multihost",
                f"--coordinator_address=localhost:{port}", "--num_processes=2",
                f"--process_id={process_id}", f"--config={ROOT}/configs/digits.py:{ARG}",

@@ -4,11 +4,12 @@ It runs in a fresh interpreter on one CPU device, as a reader would run it (the 
 devices would make every replicated array's computation run 8 times on the CI machine's 2 cores).
 """
 
-import os
 import pathlib
 import re
 import subprocess
 import sys
+
+from tests.subprocess_env import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MARKER = "<!-- engine-example -->"
@@ -32,8 +33,7 @@ def readme_example():
 
 
 def test_readme_engine_example_runs():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    env = subprocess_env(PYTHONPATH=str(ROOT))
     result = subprocess.run([sys.executable, "-c", readme_example() + CHECKS], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 from bacon_jax import config_lib, data
+from tests.subprocess_env import subprocess_env
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 TINY = ("ipc1,method=dm,model=ConvNetW8,eval.models=ConvNetW8,eval.epochs=1,eval.num_eval=1,"
@@ -22,11 +23,9 @@ OWN_FILES = {os.path.basename(p) for d in ("bacon_jax", "experiments")
 
 
 def _run(script, *args):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device: quick
-    return subprocess.run(
+    return subprocess.run(  # one CPU device: quick
         [sys.executable, os.path.join(ROOT, "experiments", script), *args], cwd=ROOT,
-        env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600,
-        check=False)
+        env=subprocess_env(), capture_output=True, text=True, timeout=600, check=False)
 
 
 def test_a_run_prints_only_its_own_lines_and_a_refusal_one_line(tmp_path):
