@@ -55,6 +55,13 @@ def percent(ratio):
     return "n/a" if ratio is None else f"{100 * ratio:.1f}%"
 
 
+def _row(label, row, seconds, flops):
+    """One table row: a benchmark's figures for one call (an iteration or an epoch)."""
+    return (f"| {label} | {row['compile_s']:.1f} | {fmt(seconds)} | {fmt(flops, 1e9, 4, ' G')} | "
+            f"{fmt(row['flops_per_s'], 1e12, 3, ' T')} | {percent(row['of_peak'])} | "
+            f"{fmt(row['peak_mem_bytes'], 2**30, 3, ' GiB')} |")
+
+
 def section(distill, evaluation, tests_rc, sha):
     device = distill.get("device") or evaluation.get("device") or "unknown device"
     today = datetime.date.today().isoformat()
@@ -73,21 +80,14 @@ def section(distill, evaluation, tests_rc, sha):
     if "error" in distill:
         lines.append(f"| BACON iteration | failed: {distill['error']} | | | | | |")
     for row in distill.get("rows", []):
-        lines.append(
-            f"| {row['method'].upper()} iteration ({row['model']}) | {row['compile_s']:.1f} | "
-            f"{fmt(row['iteration_s'])} | {fmt(row['flops_per_iteration'], 1e9, 4, ' G')} | "
-            f"{fmt(row['flops_per_s'], 1e12, 3, ' T')} | {percent(row['of_peak'])} | "
-            f"{fmt(row['peak_mem_bytes'], 2**30, 3, ' GiB')} |")
+        lines.append(_row(f"{row['method'].upper()} iteration ({row['model']})", row,
+                          row["iteration_s"], row["flops_per_iteration"]))
     if "error" in evaluation:
         lines.append(f"| evaluation epoch | failed: {evaluation['error']} | | | | | |")
     for row in evaluation.get("rows", []):
-        lines.append(
-            f"| evaluation epoch, {row['num_eval']} x {evaluation['model']} "
-            f"({evaluation['set_size']} images, {evaluation['steps_per_epoch']} steps) | "
-            f"{row['compile_s']:.1f} | {fmt(row['epoch_s'])} | "
-            f"{fmt(row['flops_per_epoch'], 1e9, 4, ' G')} | "
-            f"{fmt(row['flops_per_s'], 1e12, 3, ' T')} | {percent(row['of_peak'])} | "
-            f"{fmt(row['peak_mem_bytes'], 2**30, 3, ' GiB')} |")
+        label = (f"evaluation epoch, {row['num_eval']} x {evaluation['model']} "
+                 f"({evaluation['set_size']} images, {evaluation['steps_per_epoch']} steps)")
+        lines.append(_row(label, row, row["epoch_s"], row["flops_per_epoch"]))
     return "\n".join(lines) + "\n"
 
 
