@@ -12,8 +12,10 @@
 # goes to $OUT (the device tool's return folder) when set, else /tmp/accelerator_check: the log,
 # the JSON figures and the updated RESULTS.md, to copy back into the checkout.
 #
-# Packages the device machine lacks (ml-collections, tensorflow-datasets) travel as wheels in .whl/
-# (see /work/.library/device/README.md); when .whl/ exists they are installed into /tmp/site.
+# Packages the device machine lacks (ml-collections, tensorflow-datasets and parts of its import
+# chain, tensorboardX) travel as wheels in .whl/: run `bash benchmarks/device_wheels.sh` here first
+# and name `.whl` in the device call's `carry`; when .whl/ exists they are installed into /tmp/site.
+# Rehearsed on CPU in a Python 3.12 environment holding only the image's packages (benchmarks/README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-/tmp/accelerator_check}"
@@ -37,7 +39,10 @@ jax.default_backend(), jax.devices())" || exit 1
 
 phase "correctness subset on the GPU (float32 at full precision, as on CPU)"
 # The tests compare forms of the same maths with CPU-sized tolerances; TF32 would exceed them.
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 python3 -m pytest -q -x -p no:cacheprovider \
+# Four pytest workers share the GPU (no preallocation) so that compiling, the subset's main cost
+# (4 min on one process of the 2-core CPU machine), uses the host's cores.
+XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 \
+  python3 -m pytest -q -x -n 4 -p no:cacheprovider \
   tests/test_losses.py tests/test_augment.py tests/test_fused.py tests/test_evaluation.py
 tests_rc=$?
 echo "tests exit status: $tests_rc"
