@@ -6,6 +6,7 @@ The benchmarks are scripts, not tests: they print figures and, where the issue d
 """
 
 import dataclasses
+import functools
 import os
 import platform
 import resource
@@ -50,6 +51,24 @@ GiB = 1024**3
 
 # --------------------------------------------------------------------------------------------
 # Configs and data.
+
+
+# The refbench setting (../shared/refbench): MNIST IPC 10, BACON, ConvNetW32.
+REFBENCH_CONFIG = "configs/mnist.py:ipc10,method=bacon,model=ConvNetW32"
+
+
+def add_config_arguments(parser, default=REFBENCH_CONFIG):
+    """--config (default: the refbench setting), --override K=V ... (repeatable), --fake_data."""
+    parser.add_argument("--config", default=default,
+                        help="config file and preset (default: the refbench setting)")
+    parser.add_argument("--override", action="append", nargs="+", default=[], metavar="K=V",
+                        help="config overrides appended to the config argument (repeatable)")
+    parser.add_argument("--fake_data", choices=("auto", "true", "false"), default="auto")
+
+
+def overrides_of(args):
+    """The flat list of `--override` values of `add_config_arguments`."""
+    return [override for group in args.override for override in group]
 
 
 def load_config(config_flag, overrides=()):
@@ -115,6 +134,24 @@ def jit(fn, spec, **kwargs):
     """`jax.jit(fn, **kwargs)` with the compile options `spec` (Distill/EvalSpec) asks for, as the
     library's own jits (backend.jit_options)."""
     return jax.jit(fn, compiler_options=backend.jit_options(spec.compiler_options), **kwargs)
+
+
+def distill_setup(config, dataset, num_devices=1):
+    """The engine as a run builds it: (spec, model, real, initial state, jitted `distill_step`).
+
+    The step is `jax.jit` of `distill.distill_step` with the spec's compile options, not yet
+    compiled; the state is `init_state` from `config.seed`.
+    """
+    from bacon_jax import distill  # pylint: disable=g-import-not-at-top
+
+    spec = distill.spec_from_config(config, dataset.spec, dataset.max_class_size,
+                                    mesh=mesh_for(num_devices))
+    model = model_for(config.model, dataset.spec, spec)
+    real = distill.real_data_from_dataset(dataset)
+    state = jit(functools.partial(distill.init_state, model=model, spec=spec), spec)(
+        jax.random.PRNGKey(config.seed), real)
+    step = jit(functools.partial(distill.distill_step, model=model, spec=spec), spec)
+    return spec, model, real, state, step
 
 
 def write_json(path, record):

@@ -44,11 +44,7 @@ import common
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/mnist.py:ipc10,method=bacon,model=ConvNetW32",
-                        help="config file and preset (default: the refbench setting)")
-    parser.add_argument("--override", action="append", nargs="+", default=[], metavar="K=V",
-                        help="config overrides appended to the config argument (repeatable)")
-    parser.add_argument("--fake_data", choices=("auto", "true", "false"), default="auto")
+    common.add_config_arguments(parser)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per phase")
     parser.add_argument("--warm_iterations", type=int, default=2,
                         help="iterations run before the phases are timed")
@@ -68,13 +64,7 @@ def median_seconds(fn, *args, repeats):
 
 
 def profile_iteration(config, dataset, args):
-    mesh = common.mesh_for(1)
-    spec = distill.spec_from_config(config, dataset.spec, dataset.max_class_size, mesh=mesh)
-    model = common.model_for(config.model, dataset.spec, spec)
-    real = distill.real_data_from_dataset(dataset)
-    state = common.jit(functools.partial(distill.init_state, model=model, spec=spec), spec)(
-        jax.random.PRNGKey(config.seed), real)
-    step = common.jit(functools.partial(distill.distill_step, model=model, spec=spec), spec)
+    spec, model, real, state, step = common.distill_setup(config, dataset)
     start = time.perf_counter()
     step = step.lower(state, real).compile()
     compile_s = time.perf_counter() - start
@@ -194,7 +184,7 @@ def print_rows(title, rows, total):
 
 def main(argv):
     args = parse_args(argv)
-    overrides = [o for group in args.override for o in group]
+    overrides = common.overrides_of(args)
     common.header("profile_phases " + " ".join(argv))
     config = common.load_config(args.config, overrides)
     dataset, source = common.load_data(config, args.fake_data)
