@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from bacon_jax import backend, config_lib, data, models
+from bacon_jax import backend, config_lib, data, distill, models
 
 # Training / test split sizes of each dataset, for fake data of the right size when the real data
 # is not available (no TFDS here). Classes are balanced in the fake sets.
@@ -142,8 +142,6 @@ def distill_setup(config, dataset, num_devices=1):
     The step is `jax.jit` of `distill.distill_step` with the spec's compile options, not yet
     compiled; the state is `init_state` from `config.seed`.
     """
-    from bacon_jax import distill  # pylint: disable=g-import-not-at-top
-
     spec = distill.spec_from_config(config, dataset.spec, dataset.max_class_size,
                                     mesh=mesh_for(num_devices))
     model = model_for(config.model, dataset.spec, spec)
