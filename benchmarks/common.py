@@ -10,6 +10,7 @@ import functools
 import os
 import platform
 import resource
+import statistics
 import time
 
 import jax
@@ -58,9 +59,13 @@ REFBENCH_CONFIG = "configs/mnist.py:ipc10,method=bacon,model=ConvNetW32"
 
 
 def add_config_arguments(parser, default=REFBENCH_CONFIG):
-    """--config (default: the refbench setting), --override K=V ... (repeatable), --fake_data."""
-    parser.add_argument("--config", default=default,
-                        help="config file and preset (default: the refbench setting)")
+    """--config (default: the refbench setting; required when `default` is None), --override K=V
+    ... (repeatable), --fake_data."""
+    if default is None:
+        parser.add_argument("--config", required=True, help="config file and preset")
+    else:
+        parser.add_argument("--config", default=default,
+                            help="config file and preset (default: the refbench setting)")
     parser.add_argument("--override", action="append", nargs="+", default=[], metavar="K=V",
                         help="config overrides appended to the config argument (repeatable)")
     parser.add_argument("--fake_data", choices=("auto", "true", "false"), default="auto")
@@ -239,6 +244,17 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+def median_seconds(fn, *args, repeats=5):
+    """Median wall time of `fn(*args)` (outputs waited for) over `repeats` calls after an untimed one."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def header(title):

@@ -13,9 +13,7 @@ padding of 3) at widths 128 and 32.
 """
 
 import argparse
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -44,16 +42,6 @@ def _forward_and_backward(conv, x, w, g):
     return y, vjp(g)
 
 
-def median_ms(fn, *args, repeats=5):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=256)
@@ -75,7 +63,8 @@ def main(argv):
             # vjp of a bilinear map needs only x and w), and the figure would be backward only.
             both = jax.jit(lambda x, w, g, conv=conv: _forward_and_backward(conv, x, w, g),
                            compiler_options=options)
-            row += [f"{median_ms(forward, x, w):.1f}", f"{median_ms(both, x, w, g):.1f}"]
+            row += [f"{1000 * common.median_seconds(forward, x, w):.1f}",
+                    f"{1000 * common.median_seconds(both, x, w, g):.1f}"]
         row.append(f"{float(jnp.max(jnp.abs(conv_xla(x, w) - conv_patches(x, w)))):.1e}")
         rows.append(row)
     common.print_table(["input", "conv fwd ms", "conv fwd+bwd ms", "patches fwd ms",

@@ -13,7 +13,6 @@ compared with the reference's `[refrun] eval_net` time (RESULTS.md, issue 22).
 """
 
 import argparse
-import functools
 import sys
 import time
 
@@ -27,21 +26,15 @@ import common
 
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="config file and preset")
-    parser.add_argument("--override", action="append", nargs="+", default=[], metavar="K=V")
+    common.add_config_arguments(parser, default=None)
     parser.add_argument("--model", default="", help="architecture (default: eval.models[0])")
     parser.add_argument("--num_eval", default="1,2", help="networks per call, comma-separated")
-    parser.add_argument("--fake_data", choices=("auto", "true", "false"), default="auto")
     args = parser.parse_args(argv)
-    overrides = [o for group in args.override for o in group]
+    overrides = common.overrides_of(args)
     common.header("eval_full " + " ".join(argv))
     config = common.load_config(args.config, overrides)
     dataset, source = common.load_data(config, args.fake_data)
-    real = distill.real_data_from_dataset(dataset)
-    spec = distill.spec_from_config(config, dataset.spec, dataset.max_class_size)
-    model = common.model_for(config.model, dataset.spec, spec)
-    state = common.jit(functools.partial(distill.init_state, model=model, spec=spec), spec)(
-        jax.random.PRNGKey(config.seed), real)
+    spec, _, _, state, _ = common.distill_setup(config, dataset, num_devices=0)
     images, labels = distill.training_set(*distill.synthetic_set(state, spec), spec)
     name = args.model or config.eval.models[0]
     eval_spec = evaluation.spec_from_config(config, name, dataset.spec)

@@ -52,17 +52,6 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def median_seconds(fn, *args, repeats):
-    """Median wall time of `fn(*args)` (outputs waited for) after one untimed call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def profile_iteration(config, dataset, args):
     spec, model, real, state, step = common.distill_setup(config, dataset)
     start = time.perf_counter()
@@ -70,7 +59,7 @@ def profile_iteration(config, dataset, args):
     compile_s = time.perf_counter() - start
     for _ in range(args.warm_iterations):
         state, _ = step(state, real)
-    timed = functools.partial(median_seconds, repeats=args.repeats)
+    timed = functools.partial(common.median_seconds, repeats=args.repeats)
     it_key = jax.random.fold_in(state.key, state.step)
     rows = [("iteration (distill_step)", timed(step, state, real), "measured")]
 
@@ -126,7 +115,7 @@ def profile_epoch(config, dataset, distill_spec, args):
     keys = jax.random.split(jax.random.PRNGKey(1), 1)
     states = evaluation._init_many(keys, model, spec)
     lr = jnp.float32(spec.lr)
-    timed = functools.partial(median_seconds, repeats=args.repeats)
+    timed = functools.partial(common.median_seconds, repeats=args.repeats)
 
     def epoch_time(epoch_spec):
         """(compile seconds, median seconds of one epoch call)."""
