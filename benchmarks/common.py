@@ -170,8 +170,16 @@ def write_json(path, record):
 
 
 def device_peak(device=None, precision=None):
-    """(peak FLOP/s, label) that applies to float32 inputs on `device`, or (None, 'n/a')."""
+    """(peak FLOP/s, label) that applies to float32 inputs on `device`, or (None, 'n/a').
+
+    Accelerators: the data-sheet figure (`DEVICE_PEAKS`). CPUs: no data sheet applies (a VM's
+    cores, clocks and vector units vary), so the attainable rate is measured
+    (`measured_cpu_peak`) and labelled as measured.
+    """
     device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        flops, size = measured_cpu_peak(device)
+        return flops, f"measured: best float32 {size}x{size} matmul on this CPU"
     precision = precision or jax.config.jax_default_matmul_precision
     for name, peaks in DEVICE_PEAKS:
         if name.lower() in device.device_kind.lower():
@@ -183,6 +191,26 @@ def device_peak(device=None, precision=None):
                 return peaks["fp32"], f"{name} fp32"
             return peaks["tf32"], f"{name} TF32 dense"
     return None, "n/a"
+
+
+def measured_cpu_peak(device=None, size=2048, repeats=10):
+    """(FLOP/s, size): the best of `repeats` timed float32 size x size matmuls on a CPU device.
+
+    Compiled with the library's CPU compile options (dots run in YNNPACK, as in the engine's
+    programs), all of the process's CPU threads. An attainable rate, not a theoretical peak: on the
+    project's 2-core VM it is ~150-190 GFLOP/s (benchmarks/README "FLOP counts and device peaks").
+    """
+    device = device or jax.devices("cpu")[0]
+    a, b = (jax.device_put(np.ones((size, size), np.float32), device) for _ in range(2))
+    matmul = jax.jit(lambda a, b: a @ b,
+                     compiler_options=backend.jit_options(backend.CPU_COMPILER_OPTIONS))
+    jax.block_until_ready(matmul(a, b))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(a, b))
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best, size
 
 
 def is_gpu():

@@ -12,8 +12,9 @@ size is used instead, and the header says so: speed does not depend on pixel val
 
 Per method it prints: compile time (lower + compile), iterations/s and real images/s over `--iters`
 iterations after one warm-up iteration, FLOPs per iteration from XLA's cost analysis, achieved
-FLOP/s and its ratio to the device's peak (n/a where the peak is unknown, e.g. CPU), and the
-compiled step's peak memory per device (arguments + outputs + temporaries - donated aliases).
+FLOP/s and its ratio to the device's peak (on CPU a measured matmul rate, `common.device_peak`),
+and the compiled step's peak memory per device (arguments + outputs + temporaries - donated
+aliases).
 
 Target (b): one IDM/BACON iteration with all classes batched is >= 3x faster than the same math
 looped class by class on the same device. The yardstick is built here: a jitted per-class function
