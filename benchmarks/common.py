@@ -197,8 +197,9 @@ def measured_cpu_peak(device=None, size=2048, repeats=10):
     """(FLOP/s, size): the best of `repeats` timed float32 size x size matmuls on a CPU device.
 
     Compiled with the library's CPU compile options (dots run in YNNPACK, as in the engine's
-    programs), all of the process's CPU threads. An attainable rate, not a theoretical peak: on the
-    project's 2-core VM it is ~150-190 GFLOP/s (benchmarks/README "FLOP counts and device peaks").
+    programs), on all of the process's CPU threads. An attainable rate, not a theoretical peak: on
+    the project's 2-core VM three runs gave 143, 176 and 188 GFLOP/s (RESULTS.md, "How much of this
+    CPU the iteration uses").
     """
     device = device or jax.devices("cpu")[0]
     a, b = (jax.device_put(np.ones((size, size), np.float32), device) for _ in range(2))
