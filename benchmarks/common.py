@@ -198,20 +198,14 @@ def measured_cpu_peak(device=None, size=2048, repeats=10):
 
     Compiled with the library's CPU compile options (dots run in YNNPACK, as in the engine's
     programs), on all of the process's CPU threads. An attainable rate, not a theoretical peak: on
-    the project's 2-core VM three runs gave 143, 176 and 188 GFLOP/s (RESULTS.md, "How much of this
-    CPU the iteration uses").
+    the project's 2-core VM two `distill_speed.py` runs gave 176 and 188 GFLOP/s (RESULTS.md, "How
+    much of this CPU the iteration uses").
     """
     device = device or jax.devices("cpu")[0]
     a, b = (jax.device_put(np.ones((size, size), np.float32), device) for _ in range(2))
     matmul = jax.jit(lambda a, b: a @ b,
                      compiler_options=backend.jit_options(backend.CPU_COMPILER_OPTIONS))
-    jax.block_until_ready(matmul(a, b))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(matmul(a, b))
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best, size
+    return 2 * size**3 / min(call_seconds(matmul, a, b, repeats=repeats)), size
 
 
 def is_gpu():
@@ -275,15 +269,20 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
-def median_seconds(fn, *args, repeats=5):
-    """Median wall time of `fn(*args)` (outputs waited for) over `repeats` calls after an untimed one."""
+def call_seconds(fn, *args, repeats=5):
+    """Wall times of `repeats` calls of `fn(*args)` (outputs waited for) after an untimed one."""
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn, *args, repeats=5):
+    """Median wall time of `fn(*args)` over `repeats` calls after an untimed one."""
+    return statistics.median(call_seconds(fn, *args, repeats=repeats))
 
 
 def header(title):
